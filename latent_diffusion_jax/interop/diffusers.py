@@ -1,0 +1,110 @@
+"""Loading diffusers-layout model directories (safetensors) into our modules and param trees.
+
+A pipeline directory holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`, each
+with a config and weights, as `StableDiffusionPipeline.save_pretrained` writes them.
+"""
+
+import dataclasses
+import json
+import os
+from typing import Any, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from latent_diffusion_jax.interop.convert import torch_to_flax
+from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_config,
+                                                           vae_from_diffusers_config)
+from latent_diffusion_jax.interop.files import load_config, load_state_dict
+from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.models.unet import UNet2DConditionModel
+
+
+def abstract_unet_params(unet: UNet2DConditionModel, sample_size: int = 8) -> Any:
+  """Param shapes of `unet` without allocating them."""
+  f = 2 ** (len(unet.block_out_channels) - 1)
+  size = max(sample_size, f)
+  args = (jnp.zeros((1, size, size, unet.in_channels), unet.dtype), jnp.zeros((1,), jnp.int32),
+          jnp.zeros((1, 1, unet.cross_attention_dim), unet.dtype))
+  labels = (jnp.zeros((1,), jnp.int32),) if unet.num_class_embeds else ()
+  return jax.eval_shape(lambda: unet.init(jax.random.key(0), *args, *labels))["params"]
+
+
+def abstract_vae_params(vae: AutoencoderKL) -> Any:
+  """Param shapes of `vae` without allocating them."""
+  size = vae.downsample_factor * 2
+  x = jnp.zeros((1, size, size, vae.in_channels), vae.dtype)
+  return jax.eval_shape(lambda: vae.init(jax.random.key(0), x))["params"]
+
+
+def load_unet(directory: str, *, allow_pickle: bool = False,
+              **overrides) -> Tuple[UNet2DConditionModel, Any, dict]:
+  """Loads a diffusers `UNet2DConditionModel` directory.
+
+  Returns:
+    (module, params as numpy arrays, the diffusers config dict).
+  """
+  cfg = load_config(directory)
+  unet = unet_from_diffusers_config(cfg, **overrides)
+  params = torch_to_flax(load_state_dict(directory, allow_pickle=allow_pickle),
+                         abstract_unet_params(unet), what=f"the UNet in {directory}")
+  return unet, params, cfg
+
+
+def load_vae(directory: str, *, allow_pickle: bool = False,
+             **overrides) -> Tuple[AutoencoderKL, Any, dict]:
+  """Loads a diffusers `AutoencoderKL` directory; `cfg["scaling_factor"]` is the latent scale."""
+  cfg = load_config(directory)
+  vae = vae_from_diffusers_config(cfg, **overrides)
+  params = torch_to_flax(load_state_dict(directory, allow_pickle=allow_pickle),
+                         abstract_vae_params(vae), what=f"the VAE in {directory}")
+  return vae, params, cfg
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """The parts of a Stable Diffusion pipeline directory, loaded."""
+  unet: UNet2DConditionModel
+  unet_params: Any
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoder: Optional[nn.Module]
+  text_encoder_params: Any
+  tokenizer_path: Optional[str]
+  scheduler_config: dict
+  scaling_factor: float
+
+
+def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_layer: str = "last",
+                  **overrides) -> Pipeline:
+  """Loads a diffusers Stable Diffusion pipeline directory (unet, vae, text_encoder, tokenizer, scheduler).
+
+  Args:
+    directory: the pipeline directory.
+    allow_pickle: accept `.bin`/`.ckpt` weights (they can run code when loaded).
+    text_output_layer: "last" (SD 1.x) or "penultimate" for the CLIP text encoder's output.
+    **overrides: module overrides such as dtype or attention_impl, applied to all three networks.
+  """
+  if not os.path.isdir(directory):
+    raise FileNotFoundError(f"No pipeline directory at {directory!r}.")
+  for part in ("unet", "vae"):
+    if not os.path.isdir(os.path.join(directory, part)):
+      raise FileNotFoundError(f"{directory!r} has no {part}/ subdirectory; is it a diffusers pipeline?")
+  unet, unet_params, _ = load_unet(os.path.join(directory, "unet"), allow_pickle=allow_pickle, **overrides)
+  vae, vae_params, vae_cfg = load_vae(os.path.join(directory, "vae"), allow_pickle=allow_pickle, **overrides)
+  text_encoder = text_params = None
+  if os.path.isdir(os.path.join(directory, "text_encoder")):
+    from latent_diffusion_jax.interop.clip import load_clip_text_model
+    text_encoder, text_params = load_clip_text_model(
+        os.path.join(directory, "text_encoder"), output_layer=text_output_layer,
+        allow_pickle=allow_pickle, **{k: v for k, v in overrides.items() if k == "dtype"})
+  tokenizer = os.path.join(directory, "tokenizer")
+  scheduler_cfg = {}
+  sched_path = os.path.join(directory, "scheduler", "scheduler_config.json")
+  if os.path.isfile(sched_path):
+    with open(sched_path) as f:
+      scheduler_cfg = json.load(f)
+  return Pipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,
+                  tokenizer if os.path.isdir(tokenizer) else None, scheduler_cfg,
+                  float(vae_cfg.get("scaling_factor", 0.18215)))

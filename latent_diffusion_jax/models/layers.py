@@ -1,0 +1,77 @@
+"""Small layer constructors that attach logical axis names to every parameter.
+
+Every parameter in the package is created through these helpers so that `config.logical_axis_rules`
+can map it onto the mesh. Logical axis vocabulary:
+
+  embed     model width (channels / hidden size), the input side of a projection
+  mlp       hidden width of feed-forward layers and the output side of channel-growing projections
+  heads     fused attention head features (q/k/v output, out-projection input)
+  conv_in   input channels of a convolution kernel
+  conv_out  output channels of a convolution kernel
+  vocab     token-embedding rows
+  norm      normalization scales and biases (never sharded)
+"""
+
+from typing import Any, Sequence, Tuple
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def dense(features: int, axes: Tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
+          use_bias: bool = True, name: str | None = None) -> nn.Dense:
+  """A Dense layer whose kernel carries `axes` and whose bias carries `axes[1]`."""
+  return nn.Dense(
+      features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+      name=name)
+
+
+def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, strides: Sequence[int] = (1, 1),
+         padding: Any = ((1, 1), (1, 1)), dtype: Dtype, param_dtype: Dtype,
+         name: str | None = None) -> nn.Conv:
+  """An NHWC convolution with HWIO kernel axes (None, None, conv_in, conv_out)."""
+  return nn.Conv(
+      features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype,
+      param_dtype=param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+          nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+      name=name)
+
+
+def group_norm(num_groups: int = 32, epsilon: float = 1e-6, *, dtype: Dtype, param_dtype: Dtype,
+               name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm over the channel axis; statistics are computed in float32 whatever `dtype` is."""
+  return nn.GroupNorm(
+      num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def layer_norm(epsilon: float = 1e-5, *, dtype: Dtype, param_dtype: Dtype,
+               name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the last axis."""
+  return nn.LayerNorm(
+      epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+      name=name)
+
+
+def embed(num_embeddings: int, features: int, *, dtype: Dtype, param_dtype: Dtype,
+          axes: Tuple[str, str] = ("vocab", "embed"), name: str | None = None) -> nn.Embed:
+  """A lookup table with logical axes on its embedding matrix."""
+  return nn.Embed(
+      num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      name=name)
+
+
+def constrain(x: jnp.ndarray, axes: Tuple[str | None, ...]) -> jnp.ndarray:
+  """Logical sharding constraint on an activation; a no-op outside a mesh context."""
+  return nn.with_logical_constraint(x, axes)
