@@ -53,14 +53,15 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"Unknown attention implementation {implementation!r}; "
                      f"valid: {', '.join(IMPLEMENTATIONS)}.")
-  if is_causal:
-    causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))[None, None]
-    mask = causal if mask is None else jnp.logical_and(mask, causal)
   if implementation == "auto":
     implementation = "cudnn" if _cudnn_applies(q, mask) else "jax"
   if implementation == "xla":
+    if is_causal:
+      causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))[None, None]
+      mask = causal if mask is None else jnp.logical_and(mask, causal)
     return _xla_attention(q, k, v, mask, upcast)
   if mask is not None:
     mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
   return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, implementation="cudnn" if implementation == "cudnn" else "xla")
+      q, k, v, mask=mask, is_causal=is_causal,
+      implementation="cudnn" if implementation == "cudnn" else "xla")
