@@ -4,12 +4,10 @@ A pipeline directory holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `s
 with a config and weights, as `StableDiffusionPipeline.save_pretrained` writes them.
 """
 
-import dataclasses
 import json
 import os
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -18,6 +16,7 @@ from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_c
                                                            vae_from_diffusers_config)
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 
 
@@ -62,22 +61,8 @@ def load_vae(directory: str, *, allow_pickle: bool = False,
   return vae, params, cfg
 
 
-@dataclasses.dataclass
-class Pipeline:
-  """The parts of a Stable Diffusion pipeline directory, loaded."""
-  unet: UNet2DConditionModel
-  unet_params: Any
-  vae: AutoencoderKL
-  vae_params: Any
-  text_encoder: Optional[nn.Module]
-  text_encoder_params: Any
-  tokenizer_path: Optional[str]
-  scheduler_config: dict
-  scaling_factor: float
-
-
 def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_layer: str = "last",
-                  **overrides) -> Pipeline:
+                  **overrides) -> ModelBundle:
   """Loads a diffusers Stable Diffusion pipeline directory (unet, vae, text_encoder, tokenizer, scheduler).
 
   Args:
@@ -91,7 +76,7 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
   for part in ("unet", "vae"):
     if not os.path.isdir(os.path.join(directory, part)):
       raise FileNotFoundError(f"{directory!r} has no {part}/ subdirectory; is it a diffusers pipeline?")
-  unet, unet_params, _ = load_unet(os.path.join(directory, "unet"), allow_pickle=allow_pickle, **overrides)
+  unet, unet_params, unet_cfg = load_unet(os.path.join(directory, "unet"), allow_pickle=allow_pickle, **overrides)
   vae, vae_params, vae_cfg = load_vae(os.path.join(directory, "vae"), allow_pickle=allow_pickle, **overrides)
   text_encoder = text_params = None
   if os.path.isdir(os.path.join(directory, "text_encoder")):
@@ -105,6 +90,25 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
   if os.path.isfile(sched_path):
     with open(sched_path) as f:
       scheduler_cfg = json.load(f)
-  return Pipeline(unet, unet_params, vae, vae_params, text_encoder, text_params,
-                  tokenizer if os.path.isdir(tokenizer) else None, scheduler_cfg,
-                  float(vae_cfg.get("scaling_factor", 0.18215)))
+  return ModelBundle(
+      unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
+      text_encoder=text_encoder, text_encoder_params=text_params,
+      tokenizer_path=tokenizer if os.path.isdir(tokenizer) else None,
+      scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+      diffusion=diffusion_from_scheduler_config(scheduler_cfg),
+      image_size=int(unet_cfg.get("sample_size", 64)) * vae.downsample_factor,
+      max_length=text_encoder.max_position_embeddings if text_encoder is not None else 77,
+      metadata={"source": directory})
+
+
+def diffusion_from_scheduler_config(cfg: dict) -> dict:
+  """Our `config.diffusion` fields from a diffusers scheduler_config.json (SD defaults if empty)."""
+  kind = cfg.get("beta_schedule", "scaled_linear")
+  return {
+      "schedule": "cosine" if kind == "squaredcos_cap_v2" else kind,
+      "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+      "beta_start": float(cfg.get("beta_start", 0.00085)),
+      "beta_end": float(cfg.get("beta_end", 0.012)),
+      "rescale_zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+      "prediction_type": cfg.get("prediction_type", "epsilon"),
+  }

@@ -90,7 +90,7 @@ class Encoder(nn.Module):
     for i, c in enumerate(chans):
       x = _EncoderLevel(c, self.layers_per_block, i < len(chans) - 1, self.groups,
                         name=f"down_blocks_{i}", **kw)(x)
-      x = layers.constrain(x, ("batch", "height", "width", "channels"))
+      x = layers.constrain(x, ("batch", "height", "width", "act_embed"))
     x = _MidBlock(chans[-1], self.groups, self.mid_block_attention, self.attention_impl,
                   name="mid_block", **kw)(x)
     x = nn.silu(layers.group_norm(self.groups, 1e-6, name="conv_norm_out", **kw)(x))
@@ -118,7 +118,7 @@ class Decoder(nn.Module):
     for i, c in enumerate(chans):
       x = _DecoderLevel(c, self.layers_per_block + 1, i < len(chans) - 1, self.groups,
                         name=f"up_blocks_{i}", **kw)(x)
-      x = layers.constrain(x, ("batch", "height", "width", "channels"))
+      x = layers.constrain(x, ("batch", "height", "width", "act_embed"))
     x = nn.silu(layers.group_norm(self.groups, 1e-6, name="conv_norm_out", **kw)(x))
     return layers.conv(self.out_channels, name="conv_out", **kw)(x)
 

@@ -102,7 +102,7 @@ class Transformer2D(nn.Module):
       y = layers.dense(inner, ("embed", "heads"), name="proj_in", **kw)(y.reshape(b, h * w, c))
     else:
       y = layers.conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(y).reshape(b, h * w, inner)
-    y = layers.constrain(y, ("batch", "length", "channels"))
+    y = layers.constrain(y, ("batch", "length", "act_embed"))
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention,
                                 self.attention_impl, name=f"transformer_blocks_{i}", **kw)(

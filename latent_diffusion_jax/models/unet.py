@@ -104,7 +104,7 @@ class _Level(nn.Module):
         h = attn_cls(self.heads, self.head_dim, self.depth, cfg.use_linear_projection,
                      cfg.upcast_attention, cfg.norm_num_groups, cfg.attention_impl,
                      name=f"attentions_{i}", **kw)(h, context, deterministic)
-      h = layers.constrain(h, ("batch", "height", "width", "channels"))
+      h = layers.constrain(h, ("batch", "height", "width", "act_embed"))
       outputs.append(h)
     if self.resample == "down":
       h = Downsample2D(self.out_channels, name="downsamplers_0", **kw)(h)

@@ -1,0 +1,56 @@
+"""Everything inference and export need of a trained latent diffusion model, in one value.
+
+A bundle comes from our own checkpoints (`training/inference_loading.py`), from a diffusers pipeline
+directory (`interop/diffusers.py`) or from a single-file checkpoint (`interop/single_file.py`).
+"""
+
+import dataclasses
+from typing import Any, Dict, Optional
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.models.unet import UNet2DConditionModel
+
+
+@dataclasses.dataclass
+class ModelBundle:
+  """Modules, their params and the settings that tie them together.
+
+  Attributes:
+    unet, unet_params: the denoiser.
+    vae, vae_params: the first-stage autoencoder.
+    text_encoder, text_encoder_params: the conditioner (CLIPTextModel or LDMTextTransformer), or
+      None for unconditional / class-conditional models.
+    tokenizer_path: a local tokenizer directory (CLIP layout), or None.
+    scaling_factor: latents fed to the UNet are `scaling_factor * vae latent`.
+    diffusion: the training noise schedule and prediction type, as in `config.diffusion`
+      (schedule, num_timesteps, beta_start, beta_end, rescale_zero_terminal_snr, prediction_type).
+    image_size: the training resolution in pixels.
+    max_length: the tokenizer/text-encoder sequence length.
+    metadata: free-form provenance (config, step, version), written into exported files.
+  """
+  unet: UNet2DConditionModel
+  unet_params: Any
+  vae: AutoencoderKL
+  vae_params: Any
+  text_encoder: Optional[nn.Module]
+  text_encoder_params: Any
+  tokenizer_path: Optional[str]
+  scaling_factor: float
+  diffusion: Dict[str, Any]
+  image_size: int
+  max_length: int = 77
+  metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def latent_size(self) -> int:
+    return self.image_size // self.vae.downsample_factor
+
+  def encode_text(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+    """Token ids [B, L] -> context [B, L, D] for the UNet's cross-attention."""
+    if self.text_encoder is None:
+      raise ValueError("This model has no text encoder; it cannot be prompted with text.")
+    out = self.text_encoder.apply({"params": self.text_encoder_params}, input_ids)
+    return out[0] if isinstance(out, tuple) else out
