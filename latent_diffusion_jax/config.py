@@ -9,6 +9,8 @@ import os
 
 import ml_collections as mc
 
+from latent_diffusion_jax.parallel import DEFAULT_LOGICAL_AXIS_RULES
+
 
 def parse_arg(arg: str | None, **defaults):
   """Parses 'a=1,b,c=x' into a ConfigDict over `defaults` (bare names become True).
@@ -32,6 +34,8 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> mc.ConfigDict:
   """All keys, with the defaults of a Stable Diffusion 1.5-sized text-to-image run."""
   c = mc.ConfigDict()
+  # Which trainer runs the config: "diffusion" (stage 2) or "autoencoder" (stage 1).
+  c.stage = "diffusion"
   # Fixed seed: runs are reproducible unless the user changes it.
   c.seed = 0
 
@@ -65,6 +69,8 @@ def base_config() -> mc.ConfigDict:
   c.model.text_encoder.kind = "clip"
   # Token sequence length (CLIP: 77).
   c.model.text_encoder.max_length = 77
+  # Optimize the text encoder with the UNet (the LDM paper's conditioner); SD keeps CLIP frozen.
+  c.model.text_encoder.trainable = False
   # CLIPTextModel fields (models/text_encoders.py); output_layer "last" or "penultimate".
   c.model.text_encoder.clip = mc.ConfigDict(dict(
       vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
@@ -84,6 +90,93 @@ def base_config() -> mc.ConfigDict:
   c.diffusion.rescale_zero_terminal_snr = False
   # What the UNet predicts: "epsilon", "v_prediction" or "sample".
   c.diffusion.prediction_type = "epsilon"
+  # Per-example loss weights: "uniform" or "min_snr" (min-SNR-gamma, Hang et al. 2023).
+  c.diffusion.loss_weighting = "uniform"
+  c.diffusion.min_snr_gamma = 5.0
+  # Offset noise strength (per-channel constant added to the noise); 0 disables it.
+  c.diffusion.offset_noise = 0.0
+  # Probability of training on the empty prompt, for classifier-free guidance.
+  c.diffusion.caption_dropout = 0.1
+
+  c.autoencoder = mc.ConfigDict()
+  # Weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction error (LDM: ~1e-6).
+  c.autoencoder.kl_weight = 1e-6
+  # Extra squared-error term on top of L1.
+  c.autoencoder.l2_weight = 0.0
+
+  c.optimizer = mc.ConfigDict()
+  c.optimizer.learning_rate = 1e-4
+  c.optimizer.warmup_steps = 500
+  # After warmup: "constant" or "cosine" (decays to end_learning_rate_factor * learning_rate).
+  c.optimizer.schedule = "constant"
+  c.optimizer.end_learning_rate_factor = 0.0
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  # Decoupled weight decay, applied to kernels and embeddings only (not biases or norm scales).
+  c.optimizer.weight_decay = 1e-2
+  # Global-norm gradient clipping; <= 0 disables it.
+  c.optimizer.grad_clip_norm = 1.0
+  # Micro-batches accumulated per optimizer update (each of training.batch_size examples).
+  c.optimizer.grad_accum_steps = 1
+  # EMA of the trained params: decay, warmed up as min(decay, (1 + n) / (10 + n)); <= 0 disables it.
+  c.optimizer.ema_decay = 0.9999
+
+  c.training = mc.ConfigDict()
+  # Global batch size (all hosts together) of one micro-batch.
+  c.training.batch_size = 256
+  c.training.num_steps = 100_000
+  c.training.log_every = 50
+  c.training.checkpoint_every = 1000
+  c.training.keep_checkpoints = 3
+  c.training.async_checkpointing = True
+  # Fixed-seed sample grid written to the logs every N steps; 0 disables it.
+  c.training.sample_every = 5000
+  # Where training starts when the workdir has no checkpoint: "" (scratch) or another workdir.
+  c.training.init_checkpoint = ""
+  # What a non-finite loss or gradient does: "halt" (stop, keeping the last good checkpoint) or
+  # "skip" (drop the update and count it).
+  c.training.nonfinite_policy = "halt"
+  # Number of timestep buckets for the loss-per-timestep diagnostic.
+  c.training.loss_buckets = 10
+  # Batches used to estimate the latent scale factor when model.latent_scale_factor <= 0.
+  c.training.scale_estimate_batches = 4
+
+  c.frozen = mc.ConfigDict()
+  # The first stage: a stage-1 workdir of ours, a diffusers AutoencoderKL directory, or "" for a
+  # randomly initialized one (tests only).
+  c.frozen.vae = ""
+  # The frozen text encoder (kind "clip"): a transformers CLIPTextModel directory, or "" for random.
+  c.frozen.text_encoder = ""
+  # Tokenizer directory (CLIP layout); "" builds the embedded dataset's word tokenizer.
+  c.frozen.tokenizer = ""
+  # Accept pickle (.bin/.ckpt) weights; they can run code when loaded.
+  c.frozen.allow_pickle = False
+
+  c.data = mc.ConfigDict()
+  # "shapes": the embedded captioned-shapes dataset (generated locally, no download).
+  c.data.kind = "shapes"
+  c.data.num_train = 20000
+  c.data.num_test = 512
+  # Where TFDS datasets are prepared; "" means <workdir>/tfds.
+  c.data.data_dir = ""
+  # Stage 2: encode the dataset once with the frozen VAE and train on the stored moments, instead
+  # of running the encoder in every step.
+  c.data.pre_encode = True
+
+  c.mesh = mc.ConfigDict()
+  # Sizes of the (data, fsdp, tensor) axes; one -1 takes the remaining devices.
+  c.mesh.shape = (-1, 1, 1)
+  # Logical axis name -> mesh axes; see parallel.py for what each name covers.
+  c.mesh.logical_axis_rules = DEFAULT_LOGICAL_AXIS_RULES
+
+  c.sampling = mc.ConfigDict()
+  c.sampling.sampler = "ddim"
+  c.sampling.num_steps = 50
+  c.sampling.guidance_scale = 7.5
+  c.sampling.eta = 0.0
+  # Prompts of the fixed-seed sample grid logged during training.
+  c.sampling.prompts = ("a photograph of an astronaut riding a horse",)
   return c
 
 

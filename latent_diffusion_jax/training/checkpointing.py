@@ -183,6 +183,16 @@ class Checkpointer:
     logging.info("Restored checkpoint step %d from %s", step, self.directory)
     return restored["state"], restored.get("data"), restored.get("meta")
 
+  def read_meta(self, step: Optional[int] = None) -> Tuple[int, Any]:
+    """(step, meta) of a committed step (default latest) without reading the state."""
+    steps = self.all_steps()
+    if not steps or (step is not None and step not in steps):
+      raise FileNotFoundError(f"no committed checkpoint{'' if step is None else f' for step {step}'} "
+                              f"in {self.directory}; committed steps: {steps}")
+    step = steps[-1] if step is None else step
+    restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return step, restored["meta"]
+
   def all_steps(self) -> List[int]:
     """Committed steps, ascending (saves still in flight are not included)."""
     return _committed_steps(self.directory)

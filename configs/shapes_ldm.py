@@ -1,0 +1,72 @@
+"""Stage 2 of the embedded default: a small text-to-image LDM on the captioned shapes dataset.
+
+Trains on 2 CPU cores in minutes, on latents of the stage-1 autoencoder (configs/shapes_autoencoder.py),
+with the LDM paper's jointly trained transformer as text conditioner. `make demo` runs:
+  python train.py --config configs/shapes_autoencoder.py --workdir workdirs/shapes_ae
+  python train.py --config configs/shapes_ldm.py --workdir workdirs/shapes_ldm \
+      --config.frozen.vae=workdirs/shapes_ae
+Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
+"""
+
+from latent_diffusion_jax.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, tiny=False)
+  c = base_config()
+  m = c.model
+  m.image_size = 32
+  # f4 autoencoder: 32x32x3 images -> 8x8x4 latents (must match the stage-1 config).
+  m.vae.block_out_channels = (32, 64, 64)
+  m.vae.layers_per_block = 1
+  m.vae.norm_num_groups = 16
+  m.latent_scale_factor = 0.0  # use stage 1's stored estimate (or estimate here)
+
+  m.unet.block_out_channels = (64, 128)
+  m.unet.attention_levels = (True, True)
+  m.unet.layers_per_block = 1
+  m.unet.num_heads = 4
+  m.unet.norm_num_groups = 16
+  m.unet.cross_attention_dim = 64
+
+  te = m.text_encoder
+  te.kind = "ldm_transformer"
+  te.trainable = True
+  # "a large red triangle in the bottom right" + start/end tokens fits in 12.
+  te.max_length = 12
+  te.ldm.vocab_size = 128
+  te.ldm.max_length = 12
+  te.ldm.width = 64
+  te.ldm.depth = 2
+  te.ldm.heads = 4
+  te.ldm.head_dim = 16
+
+  c.diffusion.caption_dropout = 0.1
+  c.optimizer.learning_rate = 1e-3
+  c.optimizer.warmup_steps = 100
+  c.optimizer.schedule = "cosine"
+  c.optimizer.end_learning_rate_factor = 0.1
+  c.optimizer.weight_decay = 0.0
+  c.optimizer.ema_decay = 0.999
+
+  c.training.batch_size = 64
+  c.training.num_steps = 1500
+  c.training.log_every = 50
+  c.training.checkpoint_every = 500
+  c.training.sample_every = 0
+  c.data.num_train = 20000
+  c.data.num_test = 512
+
+  c.sampling.num_steps = 50
+  c.sampling.guidance_scale = 3.0
+  c.sampling.prompts = ("a red circle in the top left", "a blue square in the bottom right",
+                        "a yellow triangle in the top right", "a green circle in the bottom left")
+  if args.tiny:
+    c.training.batch_size = 8
+    c.training.num_steps = 2
+    c.training.log_every = 1
+    c.training.checkpoint_every = 1
+    c.optimizer.warmup_steps = 1
+    c.data.num_train = 64
+    c.data.num_test = 16
+  return c

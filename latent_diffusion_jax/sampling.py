@@ -1,0 +1,532 @@
+"""Text-to-image sampling: token ids to pixels as one jitted computation, batched over a mesh.
+
+  bundle = load_pipeline("/models/sd15")
+  images = generate(bundle, ["a photo of a cat"], seed=0, num_steps=30)  # uint8 [1, 512, 512, 3]
+
+Text encoding, the whole denoising loop (classifier-free guidance as one UNet call on a doubled
+batch), latent unscaling and the VAE decoder are one `jax.jit`, compiled once per model,
+settings and batch shape and reused across batches and calls (`make_sample_fn` caches it).
+
+Reproducibility: image i starts from noise drawn with `fold_in(PRNGKey(seed), i)`, so it is the
+same image whatever the batch size or device count.
+"""
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+from absl import logging
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import jax.numpy as jnp
+import numpy as np
+
+from latent_diffusion_jax import parallel
+from latent_diffusion_jax.diffusion import samplers
+from latent_diffusion_jax.diffusion import schedules
+from latent_diffusion_jax.models.bundle import ModelBundle
+
+SAMPLERS = samplers.SAMPLERS
+OUTPUT_TYPES = ("uint8", "float")
+# Default images per batch shard when batch_size is not given: keeps a 512px SD batch (doubled
+# by guidance) well inside one accelerator's memory while amortizing the per-step overhead.
+_DEFAULT_IMAGES_PER_SHARD = 4
+# The Stable Diffusion scheduler settings (scheduler_config.json of SD 1.x/2.x) where they
+# differ from the diffusers constructor defaults that `samplers.sample` uses.
+_SD_SCHEDULER_DEFAULTS = {
+    "ddim": dict(timestep_spacing="leading", steps_offset=1, set_alpha_to_one=False),
+    "ddpm": dict(timestep_spacing="leading", steps_offset=1),
+    "dpmpp_2m": dict(timestep_spacing="linspace", steps_offset=1),
+}
+# bundle.diffusion keys that, when present, override the SD scheduler defaults above.
+_SCHEDULER_OVERRIDES = ("timestep_spacing", "steps_offset", "set_alpha_to_one")
+
+
+class SampleParams(NamedTuple):
+  """The parameters a sample function takes: one tree per network (None without text encoder)."""
+  unet: Any
+  vae: Any
+  text_encoder: Any
+
+
+def bundle_params(bundle: ModelBundle) -> SampleParams:
+  """The parameter trees of `bundle`, in the form `make_sample_fn` functions take."""
+  return SampleParams(bundle.unet_params, bundle.vae_params, bundle.text_encoder_params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+  """The static (hashable) part of a bundle: modules and settings, no parameters."""
+  unet: Any
+  vae: Any
+  text_encoder: Any
+  scaling_factor: float
+  diffusion: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  sampler: str
+  num_steps: int
+  guidance_scale: float
+  eta: float
+  prediction_type: str
+  scheduler: tuple
+
+
+class SampleFn:
+  """A jitted `(params, cond, uncond, latents_T, rng) -> images` that counts its traces.
+
+  Args of the call:
+    params: `SampleParams` (or the equivalent tuple).
+    cond: int32 token ids [B, L] for text models; int32 class labels [B] for class-conditional
+      models; for unconditional models any [B] array (unused).
+    uncond: like `cond`, the negative / empty prompt ids; ignored (pass None) without guidance.
+    latents_T: float32 initial noise [B, h, w, c] in UNet units (scaled latents).
+    rng: per-image PRNG keys [B, 2] (uint32), used by stochastic samplers (DDPM, DDIM eta > 0).
+
+  Returns:
+    float32 images [B, H, W, 3] in [-1, 1].
+  """
+
+  def __init__(self, fn: Callable[..., jnp.ndarray], guided: bool):
+    self.guided = guided
+    self.num_traces = 0
+
+    def counted(*args):
+      self.num_traces += 1
+      return fn(*args)
+
+    self._jitted = jax.jit(counted)
+
+  def __call__(self, params, cond, uncond, latents_T, rng) -> jnp.ndarray:
+    return self._jitted(tuple(params), cond, uncond if self.guided else None, latents_T, rng)
+
+  def lower(self, params, cond, uncond, latents_T, rng):
+    """Ahead-of-time lowering, e.g. `.lower(...).compile().memory_analysis()`."""
+    return self._jitted.lower(tuple(params), cond, uncond if self.guided else None, latents_T, rng)
+
+
+def _check_sampler_args(sampler: str, num_steps: int, eta: float) -> None:
+  if sampler not in SAMPLERS:
+    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers are {', '.join(SAMPLERS)}.")
+  if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+  if sampler != "ddim" and eta != 0:
+    raise ValueError(f"eta is a DDIM option; sampler {sampler!r} needs eta=0, got {eta}.")
+
+
+def _check_supported(bundle: ModelBundle) -> None:
+  unet = bundle.unet
+  if unet.in_channels != bundle.vae.latent_channels:
+    raise ValueError(
+        f"The UNet takes {unet.in_channels} input channels but the VAE latent has "
+        f"{bundle.vae.latent_channels}: image-conditioned models (inpainting, upscaling) are not "
+        "supported by text-to-image sampling.")
+  if bundle.text_encoder is not None and unet.num_class_embeds is not None:
+    raise ValueError("Models conditioned on both text and class labels are not supported.")
+
+
+def _model_key(bundle: ModelBundle) -> _Model:
+  return _Model(bundle.unet, bundle.vae, bundle.text_encoder, float(bundle.scaling_factor),
+                tuple(sorted(bundle.diffusion.items())))
+
+
+def _is_guided(bundle: ModelBundle, guidance_scale: float) -> bool:
+  # Class-conditional and unconditional models have no "empty prompt" to guide away from.
+  return bundle.text_encoder is not None and guidance_scale > 1
+
+
+def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int = 50,
+                   guidance_scale: float = 7.5, eta: float = 0.0) -> SampleFn:
+  """The jitted sampling function for `bundle` and these settings (built once, then cached).
+
+  Scheduler details follow Stable Diffusion's scheduler configs (DDIM/DDPM: "leading" timesteps,
+  steps_offset=1, set_alpha_to_one=False; DPM-Solver++ 2M: "linspace"), unless
+  `bundle.diffusion` holds `timestep_spacing`, `steps_offset` or `set_alpha_to_one`.
+
+  Args:
+    bundle: the model; only its modules and settings are baked in, parameters are arguments.
+    sampler: one of SAMPLERS.
+    num_steps: denoising steps (UNet evaluations), >= 1.
+    guidance_scale: classifier-free guidance weight; <= 1 (or a text-free model) runs the
+      conditional model alone, at half the cost.
+    eta: DDIM noise level (0 = deterministic DDIM).
+
+  Returns:
+    A `SampleFn`; equal models and settings give the same object, so its compiled executables
+    are shared by all callers.
+
+  Raises:
+    ValueError: for an unknown sampler, num_steps < 1, eta with a non-DDIM sampler, or a model
+      this pipeline cannot sample.
+  """
+  _check_sampler_args(sampler, num_steps, eta)
+  _check_supported(bundle)
+  guided = _is_guided(bundle, guidance_scale)
+  scheduler = dict(_SD_SCHEDULER_DEFAULTS[sampler])
+  scheduler.update({k: bundle.diffusion[k] for k in _SCHEDULER_OVERRIDES
+                    if k in bundle.diffusion and (k != "set_alpha_to_one" or sampler == "ddim")})
+  settings = _Settings(sampler, int(num_steps), float(guidance_scale) if guided else 1.0,
+                       float(eta), bundle.diffusion.get("prediction_type", "epsilon"),
+                       tuple(sorted(scheduler.items())))
+  return _cached_sample_fn(_model_key(bundle), settings)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
+  d = dict(model.diffusion)
+  schedule = schedules.make_schedule(
+      d.get("schedule", "scaled_linear"), int(d.get("num_timesteps", 1000)),
+      float(d.get("beta_start", 0.00085)), float(d.get("beta_end", 0.012)),
+      bool(d.get("rescale_zero_terminal_snr", False)))
+  guided = s.guidance_scale > 1
+  # Ancestral noise is drawn per image (vmap over per-image keys) so that an image does not
+  # depend on which other images share its batch.
+  stochastic = s.sampler == "ddpm" or s.eta != 0
+  unet = model.unet
+
+  def conditioning(params: SampleParams, cond):
+    """(context [B, L, D], class labels [B] or None) for the UNet."""
+    if model.text_encoder is not None:
+      out = model.text_encoder.apply({"params": params.text_encoder}, cond)
+      return (out[0] if isinstance(out, tuple) else out), None
+    # Text-free UNets may still have cross-attention layers; an all-zero context of length 1
+    # is what they were trained with in place of text.
+    context = jnp.zeros((cond.shape[0], 1, unet.cross_attention_dim), unet.dtype)
+    return context, (cond if unet.num_class_embeds is not None else None)
+
+  def denoise(params: SampleParams, c, uc, x_T, rng):
+    def model_fn(x, t, ctx):
+      return unet.apply({"params": params.unet}, x, t, ctx[0], ctx[1])
+
+    if guided:
+      denoise_fn = samplers.classifier_free_guidance(model_fn, c, uc, s.guidance_scale)
+    else:
+      denoise_fn = lambda x, t: model_fn(x, t, c)  # noqa: E731
+    return samplers.sample(denoise_fn, schedule, x_T, rng, sampler=s.sampler,
+                           num_steps=s.num_steps, eta=s.eta, prediction_type=s.prediction_type,
+                           **dict(s.scheduler))
+
+  def sample_fn(params, cond, uncond, latents_T, rng):
+    params = SampleParams(*params)
+    c = conditioning(params, cond)
+    uc = conditioning(params, uncond) if guided else None
+    if stochastic:
+      add_batch = functools.partial(jax.tree.map, lambda a: a[None])
+      one = lambda c1, uc1, x1, k1: denoise(params, add_batch(c1), add_batch(uc1), x1[None], k1)[0]  # noqa: E731
+      latents = jax.vmap(one)(c, uc, latents_T, rng)
+    else:
+      latents = denoise(params, c, uc, latents_T, None)
+    images = model.vae.apply({"params": params.vae}, latents / model.scaling_factor,
+                             method="decode")
+    return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
+
+  return SampleFn(sample_fn, guided)
+
+
+def latent_shape(bundle: ModelBundle) -> tuple:
+  """(h, w, c) of the UNet's latents for `bundle.image_size`."""
+  return (bundle.latent_size, bundle.latent_size, bundle.unet.in_channels)
+
+
+@functools.partial(jax.jit, static_argnames=("shape",))
+def image_noise(seed: int, indices: jnp.ndarray, shape: tuple) -> tuple:
+  """Initial latents and sampler keys of images `indices`, from `fold_in(PRNGKey(seed), i)`.
+
+  Args:
+    seed: the generation seed.
+    indices: int [B] image indices.
+    shape: (h, w, c) of one latent (`latent_shape(bundle)`).
+
+  Returns:
+    (float32 latents [B, *shape], uint32 keys [B, 2] for stochastic samplers).
+  """
+  def one(i):
+    latent_key, sampler_key = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), i))
+    return jax.random.normal(latent_key, shape, jnp.float32), sampler_key
+
+  return jax.vmap(one)(indices)
+
+
+def _host_noise(seed: int, indices: np.ndarray, shape: tuple) -> tuple:
+  """`image_noise` computed on the CPU backend, as host arrays.
+
+  The accelerator is busy with the previous batch, so noise made there would only arrive after
+  it; the CPU also gives the same noise bits whatever accelerator samples.
+  """
+  try:
+    device = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # no CPU backend in this process (JAX_PLATFORMS excludes it)
+    device = jax.local_devices()[0]
+  with jax.default_device(device):
+    latents, keys = image_noise(seed, jnp.asarray(indices, jnp.int32), shape)
+  return np.asarray(latents), np.asarray(keys)
+
+
+def _conditioning_inputs(bundle: ModelBundle, prompts: Sequence[str], negative_prompt,
+                         class_labels, guided: bool):
+  """Host arrays (cond [N, ...], uncond [N, ...] or None) for the sample function."""
+  n = len(prompts)
+  if bundle.text_encoder is None:
+    if bundle.unet.num_class_embeds is None:
+      if class_labels is not None:
+        raise ValueError("This model is unconditional; it takes no class_labels.")
+      return np.zeros((n,), np.int32), None
+    if class_labels is None:
+      raise ValueError(f"This model is class-conditional ({bundle.unet.num_class_embeds} "
+                       "classes) and has no text encoder: pass class_labels.")
+    labels = np.asarray(class_labels, np.int32).reshape(-1)
+    if len(labels) != n:
+      raise ValueError(f"Got {len(labels)} class_labels for {n} images.")
+    if labels.min() < 0 or labels.max() >= bundle.unet.num_class_embeds:
+      raise ValueError(f"class_labels must lie in [0, {bundle.unet.num_class_embeds}), got "
+                       f"{labels.tolist()}.")
+    return labels, None
+
+  if class_labels is not None:
+    raise ValueError("This is a text-to-image model; condition it with prompts, not class_labels.")
+  if bundle.tokenizer_path is None:
+    raise ValueError("The model has a text encoder but the bundle names no tokenizer "
+                     "(bundle.tokenizer_path is None); point it at a tokenizer directory.")
+  from latent_diffusion_jax.data import tokenizers  # transformers is slow to import
+  tokenizer = tokenizers.load_tokenizer(bundle.tokenizer_path)
+  cond = tokenizers.tokenize(tokenizer, prompts, bundle.max_length)
+  if not guided:
+    return cond, None
+  negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
+  if len(negatives) != n:
+    raise ValueError(f"Got {len(negatives)} negative prompts for {n} prompts; pass one string or "
+                     "one per prompt.")
+  return cond, tokenizers.tokenize(tokenizer, negatives, bundle.max_length)
+
+
+def default_mesh() -> Mesh:
+  """All local devices on the "data" axis: pure data parallelism, parameters replicated."""
+  return parallel.create_mesh({"data": -1}, devices=jax.local_devices())
+
+
+def _batch_shards(mesh: Mesh) -> int:
+  return int(np.prod([mesh.shape[a] for a in parallel.BATCH_AXES if a in mesh.shape]))
+
+
+def effective_batch_size(batch_size: Optional[int], num_images: int, shards: int) -> int:
+  """The batch every chunk is padded to: a multiple of `shards`, never more than needed.
+
+  One batch shape for all chunks means one compilation; a last chunk that is short is padded.
+  """
+  if batch_size is not None and batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  wanted = batch_size or _DEFAULT_IMAGES_PER_SHARD * shards
+  b = min(wanted, num_images)
+  return -(-b // shards) * shards
+
+
+def _put(x: Optional[np.ndarray], sharding: NamedSharding):
+  # Every process holds the whole host batch, so each device can take its slice directly;
+  # this also works on meshes that span processes.
+  if x is None:
+    return None
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] float images -> uint8 [0, 255], rounded as diffusers' numpy_to_pil does."""
+  return np.round(np.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+ProgressFn = Callable[[int, int, int], None]
+
+
+def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: str | Sequence[str] = "",
+             seed: int = 0, num_steps: int = 50, guidance_scale: float = 7.5,
+             sampler: str = "ddim", eta: float = 0.0, batch_size: Optional[int] = None,
+             mesh: Optional[Mesh] = None, initial_latents: Optional[np.ndarray] = None,
+             class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
+             progress_fn: Optional[ProgressFn] = None) -> np.ndarray:
+  """Samples one image per prompt.
+
+  Args:
+    bundle: the model.
+    prompts: one text per image. For text-free models only their number matters (use "").
+    negative_prompt: the unconditional text of classifier-free guidance (replacing the empty
+      prompt); one string for all images or one per prompt.
+    seed: image i starts from `fold_in(PRNGKey(seed), i)`, whatever the batching.
+    num_steps: denoising steps.
+    guidance_scale: classifier-free guidance weight; <= 1 disables guidance. Text-free models are
+      sampled without guidance.
+    sampler: one of SAMPLERS ("ddpm", "ddim", "dpmpp_2m").
+    eta: DDIM noise (0 = deterministic).
+    batch_size: images per device call, rounded up to a multiple of the mesh's batch shards;
+      default 4 per shard. The last batch is padded and the padding dropped.
+    mesh: devices to split each batch over (dims "data" x "fsdp"); default all local devices.
+      Parameters are replicated on it.
+    initial_latents: optional float [N, h, w, c] noise in UNet units, replacing the seeded noise
+      (for comparisons with other implementations).
+    class_labels: int class per image, for class-conditional models without text encoder.
+    output_type: "uint8" ([0, 255]) or "float" (float32 in [0, 1], before rounding).
+    progress_fn: called as progress_fn(batches_done, num_batches, images_in_batch) after each
+      batch's images reach the host.
+
+  Returns:
+    [N, H, W, 3] images, uint8 or float32 as `output_type` says.
+
+  Raises:
+    ValueError: unknown sampler, num_steps < 1, a prompt too long for `bundle.max_length` or with
+      unknown words, no tokenizer for a text model, mismatched labels / latents.
+  """
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  prompts = list(prompts)
+  n = len(prompts)
+  if n == 0:
+    raise ValueError("generate needs at least one prompt.")
+  if output_type not in OUTPUT_TYPES:
+    raise ValueError(f"Unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}.")
+  sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
+                             guidance_scale=guidance_scale, eta=eta)
+  if bundle.text_encoder is None and guidance_scale > 1:
+    logging.info("Text-free model: sampling without classifier-free guidance.")
+  cond, uncond = _conditioning_inputs(bundle, prompts, negative_prompt, class_labels,
+                                      sample_fn.guided)
+  shape = latent_shape(bundle)
+  if initial_latents is not None:
+    initial_latents = np.asarray(initial_latents, np.float32)
+    if initial_latents.shape != (n, *shape):
+      raise ValueError(f"initial_latents must have shape {(n, *shape)}, got "
+                       f"{initial_latents.shape}.")
+
+  mesh = mesh or default_mesh()
+  b = effective_batch_size(batch_size, n, _batch_shards(mesh))
+  if batch_size is not None and b != min(batch_size, n):
+    logging.info("Batch size %d padded to %d, a multiple of the mesh's batch shards.",
+                 batch_size, b)
+  params = jax.device_put(tuple(bundle_params(bundle)), NamedSharding(mesh, PartitionSpec()))
+
+  num_batches = -(-n // b)
+  outputs, pending = [], None
+
+  def collect(out, valid, index):
+    outputs.append(_to_host(out)[:valid])
+    if progress_fn is not None:
+      progress_fn(index + 1, num_batches, valid)
+
+  for i in range(num_batches):
+    indices = np.arange(i * b, (i + 1) * b)
+    rows = np.minimum(indices, n - 1)  # padding repeats the last image; dropped below
+    latents, keys = _host_noise(seed, indices, shape)
+    if initial_latents is not None:
+      latents = initial_latents[rows]
+    args = [cond[rows], None if uncond is None else uncond[rows], latents, keys]
+    args = [_put(a, parallel.batch_sharding(mesh, np.ndim(a))) if a is not None else None
+            for a in args]
+    out = sample_fn(params, *args)  # asynchronous: the next batch is dispatched before this one is read
+    if pending is not None:
+      collect(*pending)
+    pending = (out, min(b, n - i * b), i)
+  collect(*pending)
+
+  images = np.concatenate(outputs, axis=0)
+  if output_type == "float":
+    return np.clip(images / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+  return to_uint8(images)
+
+
+def read_prompts_file(path: str) -> list:
+  """Prompts from a text file: one per line; blank lines and lines starting with '#' skipped."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line.strip() for line in f]
+  return [line for line in lines if line and not line.startswith("#")]
+
+
+def load_bundle(*, checkpoint: Optional[str] = None, step: Optional[int] = None, ema: bool = True,
+                diffusers: Optional[str] = None, allow_pickle: bool = False) -> tuple:
+  """Loads the model from exactly one source.
+
+  Args:
+    checkpoint: a training workdir holding our Orbax checkpoints.
+    step: the checkpoint step; default the latest.
+    ema: use the EMA parameters of the checkpoint.
+    diffusers: a diffusers pipeline directory.
+    allow_pickle: accept pickle weight files in a diffusers directory (they can run code).
+
+  Returns:
+    (bundle, a one-line description of the source for the settings record).
+
+  Raises:
+    ValueError: no source or both sources given; the message names the flags.
+  """
+  if (checkpoint is None) == (diffusers is None):
+    given = "both" if checkpoint is not None else "neither"
+    raise ValueError(f"Give the model with exactly one of --checkpoint WORKDIR (our training "
+                     f"checkpoints) or --diffusers DIR (a diffusers pipeline); got {given}.")
+  if diffusers is not None:
+    from latent_diffusion_jax.interop.diffusers import load_pipeline
+    return load_pipeline(diffusers, allow_pickle=allow_pickle), f"diffusers:{diffusers}"
+  from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
+  bundle = load_bundle_from_workdir(checkpoint, step=step, use_ema=ema)
+  step_name = bundle.metadata.get("step", step if step is not None else "latest")
+  return bundle, f"checkpoint:{checkpoint} step={step_name} ema={ema}"
+
+
+def run_sampling(*, prompts: Sequence[str], out_dir: str, checkpoint: Optional[str] = None,
+                 step: Optional[int] = None, ema: bool = True, diffusers: Optional[str] = None,
+                 allow_pickle: bool = False, negative_prompt: str = "",
+                 num_images_per_prompt: int = 1, seed: int = 0, num_steps: int = 50,
+                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
+                 batch_size: Optional[int] = None, print_fn: Callable[[str], None] = print):
+  """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
+
+  Args:
+    prompts: the prompts; each one's images are consecutive.
+    out_dir: where `images.save_images` writes the PNGs, the grid and settings.json.
+    checkpoint, step, ema, diffusers, allow_pickle: the model source, see `load_bundle`.
+    negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size: see `generate`.
+    num_images_per_prompt: images per prompt (different seeds of the per-image noise).
+    print_fn: progress lines go here.
+
+  Returns:
+    `images.SavedImages` with the written paths.
+  """
+  from latent_diffusion_jax import images as images_lib
+  prompts = list(prompts)
+  if not prompts:
+    raise ValueError("No prompts: pass --prompt (repeatable) or --prompts_file.")
+  if num_images_per_prompt < 1:
+    raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+  # Fail on bad settings before spending time on loading the model.
+  _check_sampler_args(sampler, num_steps, eta)
+  bundle, source = load_bundle(checkpoint=checkpoint, step=step, ema=ema, diffusers=diffusers,
+                               allow_pickle=allow_pickle)
+  all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+  print_fn(f"Sampling {len(all_prompts)} images of {bundle.image_size}px from {source} "
+           f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
+
+  clock = {"last": time.perf_counter()}
+
+  def progress(done: int, total: int, count: int) -> None:
+    now = time.perf_counter()
+    rate = count / max(now - clock["last"], 1e-9)
+    clock["last"] = now
+    note = " (includes compilation)" if done == 1 else ""
+    print_fn(f"batch {done}/{total}: {count} images, {rate:.2f} images/s{note}")
+
+  images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
+                    num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+                    batch_size=batch_size, progress_fn=progress)
+  settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                  eta=eta, negative_prompt=negative_prompt,
+                  num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
+                  image_size=bundle.image_size, source=source)
+  saved = images_lib.save_images(images, out_dir, all_prompts, settings)
+  print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
+  return saved

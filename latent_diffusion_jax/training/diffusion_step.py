@@ -1,0 +1,136 @@
+"""The latent diffusion train step: a pure function (state, batch, frozen) -> (state, metrics).
+
+Frozen networks (the VAE, a frozen text encoder) arrive as the `frozen` argument and are never in
+the optimizer state. A batch holds latents as VAE moments ("moments") or pixels ("images", encoded
+here), and text as token ids ("input_ids", encoded here) or ready embeddings ("context"), plus
+optional "class_labels".
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from latent_diffusion_jax.diffusion import objectives, schedules
+from latent_diffusion_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from latent_diffusion_jax.training.state import TrainState
+from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusionTask:
+  """The static pieces a train step closes over."""
+  unet: nn.Module
+  vae: AutoencoderKL
+  text_encoder: Optional[nn.Module]
+  text_trainable: bool
+  schedule: schedules.NoiseSchedule
+  prediction_type: str
+  loss_weighting: str = "uniform"
+  min_snr_gamma: float = 5.0
+  offset_noise: float = 0.0
+  caption_dropout: float = 0.0
+  num_buckets: int = 10
+
+
+def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
+  """uint8 [0, 255] (or float already in [-1, 1]) -> float32 [-1, 1]."""
+  if images.dtype == jnp.uint8:
+    return images.astype(jnp.float32) / 127.5 - 1.0
+  return images.astype(jnp.float32)
+
+
+def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.ndarray],
+                   rng: jax.Array) -> jnp.ndarray:
+  """Unscaled latents sampled from the batch's moments, or from encoding its images."""
+  if "moments" in batch:
+    moments = batch["moments"].astype(jnp.float32)
+  else:
+    moments = task.vae.apply({"params": vae_params}, images_to_float(batch["images"]),
+                             method=task.vae.encode).astype(jnp.float32)
+  return jax.lax.stop_gradient(DiagonalGaussian(moments).sample(rng))
+
+
+def _context(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
+             rng: jax.Array) -> Optional[jnp.ndarray]:
+  """Text context with caption dropout to the empty prompt (for classifier-free guidance)."""
+  if "context" in batch:
+    ctx = batch["context"]
+    if task.caption_dropout > 0:
+      drop = jax.random.bernoulli(rng, task.caption_dropout, (ctx.shape[0], 1, 1))
+      ctx = jnp.where(drop, frozen["uncond_context"][None].astype(ctx.dtype), ctx)
+    return ctx
+  if "input_ids" not in batch:
+    return None
+  ids = batch["input_ids"]
+  if task.caption_dropout > 0:
+    drop = jax.random.bernoulli(rng, task.caption_dropout, (ids.shape[0], 1))
+    ids = jnp.where(drop, frozen["uncond_ids"][None], ids)
+  te_params = params["text_encoder"] if task.text_trainable else frozen["text_encoder"]
+  out = task.text_encoder.apply({"params": te_params}, ids)
+  ctx = out[0] if isinstance(out, tuple) else out
+  return ctx if task.text_trainable else jax.lax.stop_gradient(ctx)
+
+
+def _loss_fn(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
+             rng: jax.Array, scale_factor: jnp.ndarray):
+  r_lat, r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 5)
+  z = encode_latents(task, frozen["vae"], batch, r_lat) * scale_factor
+  ctx = _context(task, params, frozen, batch, r_drop)
+  b = z.shape[0]
+  t = jax.random.randint(r_t, (b,), 0, task.schedule.num_timesteps)
+  noise = objectives.sample_noise(r_noise, z.shape, task.offset_noise)
+  x_t = schedules.add_noise(task.schedule, z, noise, t)
+  if ctx is None:  # class-conditional / unconditional models still need a context argument
+    ctx = jnp.zeros((b, 1, task.unet.cross_attention_dim), x_t.dtype)
+  out = task.unet.apply({"params": params["unet"]}, x_t, t, ctx, batch.get("class_labels"),
+                        deterministic=False, rngs={"dropout": r_dropout})
+  target = objectives.prediction_target(task.prediction_type, task.schedule, z, noise, t)
+  weights = objectives.loss_weights(task.loss_weighting, task.prediction_type, task.schedule, t,
+                                    task.min_snr_gamma)
+  per_example = objectives.diffusion_loss(out.astype(jnp.float32), target, weights)
+  return per_example.mean(), (per_example, t)
+
+
+def make_train_step(task: DiffusionTask, tx: optax.GradientTransformation,
+                    learning_rate: Callable[[jnp.ndarray], jnp.ndarray], *, ema_decay: float,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Builds `train_step(state, batch, frozen, scale_factor) -> (state, metrics)`.
+
+  With `grad_accum_steps` k > 1 the batch holds k micro-batches (leading dim k * B) whose gradients
+  are averaged before one update (see training/update.py, which also guards non-finite steps).
+  """
+
+  def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], frozen: Any,
+                 scale_factor: jnp.ndarray) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(lambda p, mb, r: _loss_fn(task, p, frozen, mb, r, scale_factor),
+                                 has_aux=True)
+    (loss, (per_example, t)), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
+                                                           grad_accum_steps)
+    new_state, metrics = apply_update(state, grads, loss, tx, learning_rate, ema_decay)
+    metrics["bucket_loss_sums"], metrics["bucket_counts"] = objectives.loss_per_timestep_bucket(
+        per_example, t, task.schedule.num_timesteps, task.num_buckets)
+    return new_state, metrics
+
+  return train_step
+
+
+def init_train_state(params: Any, tx: optax.GradientTransformation, rng_seed: int,
+                     ema: bool) -> TrainState:
+  """A fresh TrainState around `params` (call inside jit with out_shardings to create it sharded)."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+      rng=jax.random.key_data(jax.random.key(rng_seed)),
+      nonfinite_skips=jnp.zeros((), jnp.int32))
+
+
+def empty_prompt_ids(tokenizer, max_length: int) -> np.ndarray:
+  """Token ids of the empty prompt, the unconditional input of classifier-free guidance."""
+  from latent_diffusion_jax.data.tokenizers import tokenize
+  return tokenize(tokenizer, [""], max_length)[0]

@@ -1,0 +1,147 @@
+"""The host-side training loop shared by the trainers: steps, metrics, checkpoints, preemption.
+
+The device never waits for the host: a step's metrics are fetched after the next step has been
+dispatched (one step late), except at checkpoint steps, where they are checked before saving so a
+non-finite step is never written.
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training stopped on a non-finite loss or gradient (nonfinite_policy="halt")."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  num_steps: int
+  log_every: int
+  checkpoint_every: int
+  global_batch: int
+  nonfinite_policy: str = "halt"
+
+
+class _MetricsAccumulator:
+  """Averages scalar metrics and sums per-timestep-bucket losses between log lines."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.sums: Dict[str, float] = {}
+    self.count = 0
+    self.bucket_sums = None
+    self.bucket_counts = None
+    self.t0 = time.perf_counter()
+
+  def add(self, metrics: Dict[str, np.ndarray]):
+    self.count += 1
+    for k, v in metrics.items():
+      if k in ("bucket_loss_sums", "bucket_counts"):
+        continue
+      if np.ndim(v) == 0:
+        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+    if "bucket_loss_sums" in metrics:
+      s, c = np.asarray(metrics["bucket_loss_sums"]), np.asarray(metrics["bucket_counts"])
+      self.bucket_sums = s if self.bucket_sums is None else self.bucket_sums + s
+      self.bucket_counts = c if self.bucket_counts is None else self.bucket_counts + c
+
+  def summary(self, global_batch: int) -> Dict[str, float]:
+    out = {k: v / max(self.count, 1) for k, v in self.sums.items()}
+    out.pop("finite", None)
+    elapsed = time.perf_counter() - self.t0
+    out["steps_per_sec"] = self.count / elapsed
+    out["images_per_sec"] = self.count * global_batch / elapsed
+    if self.bucket_sums is not None:
+      for i, (s, c) in enumerate(zip(self.bucket_sums, self.bucket_counts)):
+        if c > 0:
+          out[f"loss_by_timestep/bucket_{i:02d}"] = float(s / c)
+    return out
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard + console on process 0, console only on the others."""
+  return metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+
+
+def run(*, cfg: LoopConfig, state: Any, step_fn: Callable, step_args: tuple,
+        batches: Iterator[Any], checkpointer, data_state: Callable[[], dict],
+        meta: Callable[[], dict], writer: metric_writers.MetricWriter,
+        hooks: Optional[List[Callable[[int, Any], None]]] = None) -> Dict[str, Any]:
+  """Runs steps from `state.step` to `cfg.num_steps`.
+
+  Args:
+    cfg: loop settings.
+    state: the (sharded) train state; its `step` says where to start.
+    step_fn: compiled `(state, batch, *step_args) -> (state, metrics)`.
+    step_args: extra (non-donated) step arguments, e.g. frozen params.
+    batches: yields global batches ready for `step_fn`.
+    checkpointer: a `training.checkpointing.Checkpointer`.
+    data_state: returns the JSON input position after the batches consumed so far.
+    meta: returns the JSON metadata saved with each checkpoint.
+    writer: clu metric writer.
+    hooks: called as hook(step, state) after each step (e.g. periodic sample grids).
+
+  Returns:
+    {"state", "step", "preempted", "last_metrics"}.
+  """
+  step = int(jax.device_get(state.step))
+  report = periodic_actions.ReportProgress(num_train_steps=cfg.num_steps, writer=writer,
+                                           every_steps=cfg.log_every)
+  acc = _MetricsAccumulator()
+  pending = None
+  last: Dict[str, float] = {}
+  preempted = False
+
+  def consume(item):
+    done_step, metrics = item
+    metrics = jax.device_get(metrics)
+    if not bool(metrics["finite"]):
+      msg = (f"Non-finite loss or gradient at step {done_step} (loss={float(metrics['loss'])}, "
+             f"grad_norm={float(metrics['grad_norm'])}); the update was not applied.")
+      if cfg.nonfinite_policy == "halt":
+        raise NonFiniteLossError(msg + " Stopping; the last good checkpoint is kept "
+                                 f"(latest: {checkpointer.latest_step()}).")
+      logging.warning("%s Skipped (nonfinite_policy=skip; %d skipped so far).", msg,
+                      int(metrics["nonfinite_skips"]))
+    acc.add(metrics)
+    if done_step % cfg.log_every == 0 or done_step == cfg.num_steps:
+      nonlocal last
+      last = acc.summary(cfg.global_batch)
+      writer.write_scalars(done_step, last)
+      acc.reset()
+
+  try:
+    while step < cfg.num_steps:
+      batch = next(batches)
+      state, metrics = step_fn(state, batch, *step_args)
+      step += 1
+      if pending is not None:
+        consume(pending)
+      pending = (step, metrics)
+      report(step)
+      save_now = step % cfg.checkpoint_every == 0 or step == cfg.num_steps
+      preempted = checkpointer.reached_preemption(step)
+      if save_now or preempted:
+        consume(pending)
+        pending = None
+        checkpointer.save(step, state, data=data_state(), meta=meta(), force=True)
+      for hook in hooks or ():
+        hook(step, state)
+      if preempted:
+        logging.warning("Preemption signal: saved step %d, stopping.", step)
+        break
+    if pending is not None:
+      consume(pending)
+  finally:
+    checkpointer.wait_until_finished()
+    writer.flush()
+  return {"state": state, "step": step, "preempted": preempted, "last_metrics": last}

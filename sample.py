@@ -1,0 +1,54 @@
+"""Samples images from a trained model or a diffusers pipeline and writes PNGs.
+
+  python sample.py --checkpoint workdirs/shapes_ldm --prompt "a red circle" --out /tmp/samples
+  python sample.py --diffusers /models/sd15 --prompts_file prompts.txt --steps 30 \
+      --guidance_scale 7.5 --sampler dpmpp_2m --num_images_per_prompt 4 --out /tmp/sd15
+
+Writes one PNG per image, grid.png and settings.json into --out; the logic lives in
+latent_diffusion_jax.sampling.run_sampling.
+"""
+
+from absl import app, flags
+
+from latent_diffusion_jax import sampling
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir holding our checkpoints.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_EMA = flags.DEFINE_boolean("ema", True, "Use the checkpoint's EMA parameters.")
+_DIFFUSERS = flags.DEFINE_string("diffusers", None, "A diffusers pipeline directory.")
+_ALLOW_PICKLE = flags.DEFINE_boolean(
+    "allow_pickle", False, "Accept pickle weights (.bin/.ckpt) in --diffusers; they can run code.")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for more.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
+_NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", "", "Unconditional text for guidance.")
+_NUM_PER_PROMPT = flags.DEFINE_integer("num_images_per_prompt", 1, "Images per prompt.")
+_SEED = flags.DEFINE_integer("seed", 0, "Image i starts from fold_in(PRNGKey(seed), i).")
+_STEPS = flags.DEFINE_integer("steps", 50, "Denoising steps.")
+_GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance; <= 1 disables.")
+_SAMPLER = flags.DEFINE_enum("sampler", "ddim", list(sampling.SAMPLERS), "The sampler.")
+_ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise (0 = deterministic).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per device call (default 4/device).")
+_OUT = flags.DEFINE_string("out", "samples", "Output directory.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if (_CHECKPOINT.value is None) == (_DIFFUSERS.value is None):
+    raise app.UsageError("Give the model with exactly one of --checkpoint WORKDIR or "
+                         "--diffusers DIR.")
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    prompts += sampling.read_prompts_file(_PROMPTS_FILE.value)
+  if not prompts:
+    raise app.UsageError("No prompts: pass --prompt (repeatable) or --prompts_file.")
+  sampling.run_sampling(
+      prompts=prompts, out_dir=_OUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
+      ema=_EMA.value, diffusers=_DIFFUSERS.value, allow_pickle=_ALLOW_PICKLE.value,
+      negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
+      seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+      sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
