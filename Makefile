@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU build that lies on this machine's disk; any other version pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
+DEMO ?= workdirs/demo
+
 .PHONY: venv test demo clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
@@ -17,6 +19,20 @@ venv: $(VENV)/.installed
 
 test: venv
 	$(PY) -m pytest -q tests
+
+# The embedded default end to end: stage 1 (autoencoder), stage 2 (text-to-image LDM), a sample
+# grid, and the caption-fidelity score on held-out captions (fails below 80%).
+demo: venv
+	$(PY) train.py --config configs/shapes_autoencoder.py --workdir $(DEMO)/autoencoder \
+	  --config.data.data_dir=$(DEMO)/tfds
+	$(PY) train.py --config configs/shapes_ldm.py --workdir $(DEMO)/ldm \
+	  --config.data.data_dir=$(DEMO)/tfds --config.frozen.vae=$(DEMO)/autoencoder
+	$(PY) sample.py --checkpoint $(DEMO)/ldm --out $(DEMO)/samples --guidance_scale 3 --steps 50 \
+	  --prompt "a red circle in the top left" --prompt "a blue square in the bottom right" \
+	  --prompt "a yellow triangle in the top right" --prompt "a green circle in the bottom left" \
+	  --num_images_per_prompt 4
+	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint $(DEMO)/ldm \
+	  --out $(DEMO)/caption_fidelity --min_accuracy 0.8
 
 clean:
 	rm -rf $(VENV)

@@ -98,11 +98,45 @@ def base_config() -> mc.ConfigDict:
   # Probability of training on the empty prompt, for classifier-free guidance.
   c.diffusion.caption_dropout = 0.1
 
+  # Stage 1 (training/autoencoder_trainer.py); defaults are the LDM / SD kl-f8 first-stage recipe.
   c.autoencoder = mc.ConfigDict()
+  # "kl" (AutoencoderKL) or "vq" (VQModel); both take their layout from model.vae.
+  c.autoencoder.kind = "kl"
   # Weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction error (LDM: ~1e-6).
   c.autoencoder.kl_weight = 1e-6
   # Extra squared-error term on top of L1.
   c.autoencoder.l2_weight = 0.0
+  # LPIPS weight; > 0 needs lpips_weights (python -m latent_diffusion_jax.models.lpips_convert).
+  c.autoencoder.perceptual_weight = 1.0
+  # LPIPS VGG16 weights file written by the converter (nothing is downloaded).
+  c.autoencoder.lpips_weights = ""
+  # PatchGAN: the adversarial term starts at disc_start (steps), scaled by disc_factor after it and
+  # by disc_weight times the adaptive weight; disc_weight <= 0 trains no discriminator.
+  c.autoencoder.disc_start = 50001
+  c.autoencoder.disc_factor = 1.0
+  c.autoencoder.disc_weight = 0.5
+  # "hinge" or "vanilla" (non-saturating binary cross-entropy).
+  c.autoencoder.disc_loss = "hinge"
+  c.autoencoder.disc_channels = 64
+  c.autoencoder.disc_num_layers = 3
+  # "batch" (batch statistics, the reference) or "group".
+  c.autoencoder.disc_norm = "batch"
+  # Discriminator learning rate; <= 0 uses optimizer.learning_rate (its other settings are shared).
+  c.autoencoder.disc_learning_rate = 0.0
+  # Output log-variance: nll = |x - x_rec| / exp(logvar) + logvar. LDM declares it a parameter but
+  # never hands it to its optimizer; learn_logvar=False reproduces that.
+  c.autoencoder.logvar_init = 0.0
+  c.autoencoder.learn_logvar = True
+  # VQ: codebook size, vector size (0: model.vae.latent_channels), commitment beta, weight of the
+  # quantizer loss relative to the mean reconstruction error (taming's codebook_weight).
+  c.autoencoder.num_vq_embeddings = 8192
+  c.autoencoder.vq_embed_dim = 0
+  c.autoencoder.vq_beta = 0.25
+  c.autoencoder.codebook_weight = 1.0
+  # EMA codebook updates instead of the codebook loss: decay (<= 0: gradient updates), and the
+  # Laplace smoothing of the code counts.
+  c.autoencoder.vq_ema_decay = 0.0
+  c.autoencoder.vq_epsilon = 1e-5
 
   c.optimizer = mc.ConfigDict()
   c.optimizer.learning_rate = 1e-4
@@ -137,6 +171,9 @@ def base_config() -> mc.ConfigDict:
   # What a non-finite loss or gradient does: "halt" (stop, keeping the last good checkpoint) or
   # "skip" (drop the update and count it).
   c.training.nonfinite_policy = "halt"
+  # When the latest checkpoint cannot be restored (damaged files), warn, move it aside as
+  # `<step>.corrupt-<time>` and resume from the previous committed step instead of stopping.
+  c.training.restore_fallback = False
   # Number of timestep buckets for the loss-per-timestep diagnostic.
   c.training.loss_buckets = 10
   # Batches used to estimate the latent scale factor when model.latent_scale_factor <= 0.
@@ -155,7 +192,24 @@ def base_config() -> mc.ConfigDict:
 
   c.data = mc.ConfigDict()
   # "shapes": the embedded captioned-shapes dataset (generated locally, no download).
+  # "latent_shards": shards written by `python -m latent_diffusion_jax.encode` (data.latent_shards).
+  # "webdataset": raw image+caption tar shards (data.webdataset), encoded in every step; small runs.
   c.data.kind = "shapes"
+  # latent_shards: a directory or pattern of *.tfrecord files (local or gs://) with manifest.json.
+  c.data.latent_shards = ""
+  # webdataset: tar shards as a path, glob or brace pattern ("shards/{00000..00127}.tar").
+  c.data.webdataset = ""
+  # Examples in each host's shuffle buffer (latent_shards, webdataset).
+  c.data.shuffle_buffer = 10_000
+  # latent_shards: files read and shuffled together; a resume re-reads at most this many files.
+  c.data.files_per_window = 16
+  # Host batches prepared ahead by tf.data.
+  c.data.prefetch = 2
+  # latent_shards: feed the stored text embeddings ("context") instead of token ids; needs shards
+  # encoded with encode.store_text_embeddings, a frozen text encoder and caption_dropout=0.
+  c.data.use_text_embeddings = False
+  # latent_shards: refuse shards encoded by a VAE other than frozen.vae (fingerprint of params).
+  c.data.check_vae_fingerprint = True
   c.data.num_train = 20000
   c.data.num_test = 512
   # Where TFDS datasets are prepared; "" means <workdir>/tfds.
@@ -163,6 +217,46 @@ def base_config() -> mc.ConfigDict:
   # Stage 2: encode the dataset once with the frozen VAE and train on the stored moments, instead
   # of running the encoder in every step.
   c.data.pre_encode = True
+
+  c.encode = mc.ConfigDict()
+  # `python -m latent_diffusion_jax.encode`: WebDataset tar shards -> latent shards. Also the
+  # preprocessing of data.kind="webdataset".
+  # Crop side in pixels; 0 uses model.image_size.
+  c.encode.resolution = 0
+  # After resizing the shorter side to the resolution: "center" or "random" (seeded by seed + key).
+  c.encode.crop = "center"
+  # Images per encoder call on each host (rounded up to a multiple of its device count).
+  c.encode.batch_size = 256
+  # Stored moments: "float16" or "bfloat16" (compute dtype: model.dtype).
+  c.encode.storage_dtype = "float16"
+  # Also store the frozen CLIP text encoder's output (float16) next to the token ids.
+  c.encode.store_text_embeddings = False
+  # Filters; each is off at its default. Images whose shorter side is below this (pixels).
+  c.encode.min_image_size = 0
+  # Images whose long/short side ratio exceeds this; <= 0 disables.
+  c.encode.max_aspect_ratio = 0.0
+  # LAION json metadata: max pwatermark and punsafe (>= 1 disables), min CLIP similarity (<= 0
+  # disables). With a filter enabled, a sample lacking its field is skipped (missing_metadata).
+  c.encode.max_watermark = 1.0
+  c.encode.max_unsafe = 1.0
+  c.encode.min_similarity = 0.0
+  # Captions longer than text_encoder.max_length tokens: "truncate" (keep, as SD does) or "skip".
+  c.encode.long_captions = "truncate"
+  # Tar shards read at once per host, and image decoding threads (0: tf.data autotune).
+  c.encode.parallel_shards = 8
+  c.encode.parallel_decode = 0
+  # Seconds between progress lines.
+  c.encode.log_every_seconds = 30.0
+
+  c.distributed = mc.ConfigDict()
+  # Multi-process runs (several hosts, or several processes on one): all three empty means JAX's
+  # cluster auto-detection (TPU pods, SLURM, Open MPI, Kubernetes; else one process). Otherwise
+  # every process gets the same "host:port" of process 0 and num_processes, and its own process_id.
+  c.distributed.coordinator_address = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  # Cross-process collectives of the CPU backend ("gloo" or "mpi"); GPUs and TPUs ignore it.
+  c.distributed.cpu_collectives = "gloo"
 
   c.mesh = mc.ConfigDict()
   # Sizes of the (data, fsdp, tensor) axes; one -1 takes the remaining devices.
@@ -181,7 +275,8 @@ def base_config() -> mc.ConfigDict:
 
 
 def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:
-  """Shrinks all three networks of `c` in place to a few hundred thousand params, same structure."""
+  """Shrinks all three networks of `c` in place to a few hundred thousand params, same structure,
+  and makes training a 2-step smoke run on the embedded dataset."""
   c.model.image_size = 32
   u = c.model.unet
   u.block_out_channels = tuple(unet_channels)
@@ -195,6 +290,15 @@ def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:
   clip.vocab_size, clip.hidden_size, clip.intermediate_size = 1000, 32, 64
   clip.num_hidden_layers, clip.num_attention_heads = 2, 4
   u.cross_attention_dim = clip.hidden_size
+  # A 2-step smoke run on 64 images of the embedded dataset (its word tokenizer fits CLIP's layout).
+  c.training.batch_size = 8
+  c.training.num_steps = 2
+  c.training.log_every = 1
+  c.training.checkpoint_every = 1
+  c.training.sample_every = 0
+  c.optimizer.warmup_steps = 1
+  c.data.num_train = 64
+  c.data.num_test = 16
   return c
 
 

@@ -65,34 +65,75 @@ def _mesh(shape):
   return parallel.create_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
 
 
+_COMPILED = {}
+
+
+def _compiled(setup_parts, mesh_shape):
+  """One jitted step per mesh shape, shared by the tests; counts its traces."""
+  if mesh_shape not in _COMPILED:
+    init_fn, step, batch, frozen = setup_parts
+    mesh = _mesh(mesh_shape)
+    traces = []
+
+    def counted(*args):
+      traces.append(1)
+      return step(*args)
+
+    with parallel.mesh_context(mesh, RULES):
+      _, shardings = parallel.sharded_abstract_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
+      g_batch = parallel.global_batch(batch, mesh)
+      extra = (setup.put_replicated(frozen, mesh), setup.device_scalar(0.5, mesh))
+      fn = jax.jit(counted, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, g_batch),
+                                          jax.tree.map(lambda x: x.sharding, extra[0]), extra[1].sharding),
+                   out_shardings=(shardings, setup.replicated(mesh)), donate_argnums=(0,))
+    _COMPILED[mesh_shape] = (mesh, fn, g_batch, extra, traces)
+  return _COMPILED[mesh_shape]
+
+
+_HOST_STATE = {}
+
+
+def _host_state(setup_parts):
+  """The initial state, computed once (random init is sharding-invariant)."""
+  if "state" not in _HOST_STATE:
+    _HOST_STATE["state"] = jax.device_get(parallel.unbox(jax.jit(setup_parts[0])(jax.random.key(0))))
+  return _HOST_STATE["state"]
+
+
+def _fresh_state(setup_parts, mesh):
+  """The initial state placed with the shardings the rules give (what create_sharded_state makes)."""
+  _, shardings = parallel.sharded_abstract_state(setup_parts[0], jax.random.key(0), mesh=mesh, rules=RULES)
+  return jax.device_put(_host_state(setup_parts), shardings)
+
+
 def _run(setup_parts, mesh_shape, steps=1):
-  init_fn, step, batch, frozen = setup_parts
-  mesh = _mesh(mesh_shape)
+  mesh, fn, g_batch, extra, _ = _compiled(setup_parts, mesh_shape)
+  state = _fresh_state(setup_parts, mesh)
+  losses, first = [], None
   with parallel.mesh_context(mesh, RULES):
-    state, shardings = parallel.create_sharded_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
-    g_batch = parallel.global_batch(batch, mesh)
-    extra = (setup.put_replicated(frozen, mesh), setup.device_scalar(0.5, mesh))
-    fn = setup.compile_step(step, state, shardings, g_batch, extra, mesh)
-    losses = []
     for _ in range(steps):
       state, metrics = fn(state, g_batch, *extra)
       losses.append(float(metrics["loss"]))
-  return state, shardings, losses, jax.device_get(metrics)
+      if first is None:
+        first = jax.device_get(state)
+  return state, first, losses, jax.device_get(metrics)
 
 
 @pytest.fixture(scope="module")
 def reference(setup_parts):
-  return _run(setup_parts, (1, 1, 1), steps=1)
+  """30 steps on one device: the state after the first step, and all losses."""
+  _, first, losses, _ = _run(setup_parts, (1, 1, 1), steps=30)
+  return first, losses
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_step_equals_single_device(setup_parts, reference, mesh_shape):
-  ref_state, _, ref_losses, _ = reference
-  state, shardings, losses, metrics = _run(setup_parts, mesh_shape)
+  ref_state, ref_losses = reference
+  state, _, losses, metrics = _run(setup_parts, mesh_shape)
   assert bool(metrics["finite"])
-  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  np.testing.assert_allclose(losses, ref_losses[:1], rtol=1e-5)
   # Tolerance: different reduction orders across devices; updates are ~lr=3e-3 in size.
-  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(ref_state.params))):
+  for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(ref_state.params)):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4)
   # Parameters are really split as the rules say: a kernel with an "embed" input side over fsdp and
   # an "mlp"/"heads" output side over tensor.
@@ -105,8 +146,8 @@ def test_sharded_step_equals_single_device(setup_parts, reference, mesh_shape):
   assert mu.sharding.spec == ff.sharding.spec
 
 
-def test_loss_goes_down_when_overfitting_one_batch(setup_parts):
-  _, _, losses, _ = _run(setup_parts, (1, 1, 1), steps=30)
+def test_loss_goes_down_when_overfitting_one_batch(reference):
+  _, losses = reference
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5]), losses
 
 
@@ -119,41 +160,23 @@ def test_ema_math():
 
 
 def test_ema_tracks_params_in_step(setup_parts, reference):
-  ref_state, *_ = reference
-  p = jax.device_get(ref_state.params)
-  e = jax.device_get(ref_state.ema_params)
+  ref_state, _ = reference
+  p, e = ref_state.params, ref_state.ema_params
   # After one update from identical init, ema = d*init + (1-d)*new with d = min(.99, 1/10).
-  init_fn = setup_parts[0]
-  init = jax.device_get(parallel.unbox(jax.jit(init_fn)(jax.random.key(0)).params))
+  init = _host_state(setup_parts).params
   leaf = lambda t: t["unet"]["conv_in"]["kernel"]
   np.testing.assert_allclose(leaf(e), 0.1 * leaf(init) + 0.9 * leaf(p), atol=1e-6)
 
 
-def test_step_compiles_once(setup_parts):
-  init_fn, step, batch, frozen = setup_parts
-  traces = []
-
-  def counted(*a):
-    traces.append(1)
-    return step(*a)
-
-  mesh = _mesh((1, 1, 1))
-  state, shardings = parallel.create_sharded_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
-  fn = jax.jit(counted, donate_argnums=(0,))
-  for _ in range(3):
-    state, _ = fn(state, batch, frozen, jnp.float32(0.5))
-  assert len(traces) == 1
+def test_step_compiles_once(setup_parts, reference):
+  """30 steps (and every other test on this mesh) traced the step once."""
+  assert len(_compiled(setup_parts, (1, 1, 1))[4]) == 1
 
 
-def test_grad_accumulation_matches_big_batch(setup_parts):
+def test_grad_accumulation_matches_big_batch():
   """k micro-batches of B/k average to the same gradient as one batch of B (dropout off)."""
-  import dataclasses
-  init_fn, _, batch, frozen = setup_parts
-  task = None
-  from latent_diffusion_jax.training import diffusion_step
-  state = parallel.unbox(jax.jit(init_fn)(jax.random.key(0)))
-  # The loss draws per-example noise from one rng per micro-batch, so compare the gradient of a
-  # deterministic loss instead: the accumulation helper itself.
+  # The diffusion loss draws its noise per micro-batch, so the helper is checked on a
+  # deterministic loss.
   from latent_diffusion_jax.training.update import accumulate_gradients
   x = jnp.arange(8.0)
   grad_fn = jax.value_and_grad(lambda p, b, r: (jnp.mean((p * b["x"]) ** 2), {"n": b["x"]}), has_aux=True)
@@ -162,23 +185,19 @@ def test_grad_accumulation_matches_big_batch(setup_parts):
   np.testing.assert_allclose(g1, g4, rtol=1e-6)
   np.testing.assert_allclose(l1, l4, rtol=1e-6)
   assert aux["n"].shape == (8,)
-  del dataclasses, task, diffusion_step, state
 
 
 def test_resume_is_bit_exact(setup_parts, tmp_path):
-  init_fn, step, batch, frozen = setup_parts
-  mesh = _mesh((2, 2, 2))
+  init_fn = setup_parts[0]
+  mesh, fn, g_batch, extra, _ = _compiled(setup_parts, (2, 2, 2))
   k = 2
+  state = _fresh_state(setup_parts, mesh)
   with parallel.mesh_context(mesh, RULES):
-    state, shardings = parallel.create_sharded_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
-    g_batch = parallel.global_batch(batch, mesh)
-    extra = (setup.put_replicated(frozen, mesh), setup.device_scalar(0.5, mesh))
-    fn = setup.compile_step(step, state, shardings, g_batch, extra, mesh)
     for _ in range(2 * k):
       state, _ = fn(state, g_batch, *extra)
     straight = jax.device_get(state)
 
-    state, _ = parallel.create_sharded_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
+    state = _fresh_state(setup_parts, mesh)
     ckpt = Checkpointer(tmp_path, save_interval_steps=1, async_save=True)
     for _ in range(k):
       state, _ = fn(state, g_batch, *extra)
@@ -192,3 +211,20 @@ def test_resume_is_bit_exact(setup_parts, tmp_path):
     ckpt.close()
   for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(jax.device_get(restored))):
     np.testing.assert_array_equal(a, b)
+
+
+def test_step_on_moments_and_ready_text_embeddings(setup_parts):
+  """Pre-encoded latents ("moments") and ready text embeddings ("context") skip both encoders;
+  caption dropout swaps in the stored empty-prompt embedding."""
+  _, step, _, frozen = setup_parts
+  rng = np.random.default_rng(1)
+  batch = {"moments": rng.standard_normal((B, 4, 4, 8)).astype(np.float32),
+           "context": rng.standard_normal((B, L, 16)).astype(np.float32)}
+  frozen = dict(frozen, uncond_context=np.zeros((L, 16), np.float32))
+  state = _host_state(setup_parts)
+  new_state, metrics = jax.jit(step)(state, batch, frozen, jnp.float32(0.5))
+  assert bool(metrics["finite"]) and int(new_state.step) == 1
+  # The text encoder is not used on this path, so it gets no update beyond weight decay (none on
+  # its 1-d params).
+  ln = lambda s: s.params["text_encoder"]["final_layer_norm"]["scale"]
+  np.testing.assert_array_equal(ln(new_state), ln(state))

@@ -4,12 +4,27 @@ Each epoch is a permutation drawn from (seed, epoch). A global batch takes the n
 indices of that permutation and each process keeps its own contiguous slice, so processes never
 see the same example in an epoch and the union of their slices is the global batch. The position
 is one integer (global examples consumed), so saving and restoring it resumes exactly; it does
-not depend on the number of processes.
+not depend on the number of processes. The global batch is sorted before it is split, so process
+p's rows are rows p*B/P .. (p+1)*B/P of the single-process batch and every example meets the same
+noise and timestep whatever the process count.
+
+Debugging: with `$LDJ_DATA_INDEX_LOG` set to a directory (or `index_log` given), each batch's
+position and this process's example indices are appended to `<dir>/process_<i>.jsonl`.
 """
 
-from typing import Dict, Iterator
+import json
+import os
+from typing import Dict, Iterator, Optional
 
 import numpy as np
+
+INDEX_LOG_ENV = "LDJ_DATA_INDEX_LOG"
+
+
+def index_log_path(process_index: int) -> Optional[str]:
+  """`<$LDJ_DATA_INDEX_LOG>/process_<i>.jsonl`, or None when the variable is unset."""
+  directory = os.environ.get(INDEX_LOG_ENV)
+  return os.path.join(directory, f"process_{process_index}.jsonl") if directory else None
 
 
 class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
@@ -20,10 +35,11 @@ class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
     global_batch: examples per step over all processes.
     seed: permutation seed.
     process_index, process_count: this process's slice of each global batch.
+    index_log: a JSON-lines file to append each batch's position and indices to (debugging).
   """
 
   def __init__(self, arrays: Dict[str, np.ndarray], global_batch: int, *, seed: int = 0,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, index_log: Optional[str] = None):
     sizes = {k: len(v) for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
       raise ValueError(f"Arrays differ in length: {sizes}.")
@@ -35,6 +51,7 @@ class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
     self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
     self.local_batch = global_batch // process_count
     self.process_index = process_index
+    self.index_log = index_log
     self.position = 0  # global examples consumed
     self._epoch, self._perm = -1, None
 
@@ -52,8 +69,11 @@ class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
     return self._permutation(epoch)[start:start + self.global_batch]
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    idx = self.global_indices(self.position)
-    mine = np.sort(idx[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch])
+    idx = np.sort(self.global_indices(self.position))
+    mine = idx[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
+    if self.index_log:
+      with open(self.index_log, "a") as f:
+        f.write(json.dumps({"position": self.position, "indices": mine.tolist()}) + "\n")
     self.position += self.global_batch
     return {k: v[mine] for k, v in self.arrays.items()}
 

@@ -48,6 +48,8 @@ def encode_images(vae, vae_params, images: np.ndarray, *, batch_size: int = 256,
                len(images) / (time.perf_counter() - t0))
   if path:
     os.makedirs(cache_dir, exist_ok=True)
-    np.save(path + ".tmp.npy", moments)
-    os.replace(path + ".tmp.npy", path)
+    # A private temporary name: processes sharing the workdir write the same cache at once.
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
+    np.save(tmp, moments)
+    os.replace(tmp, path)
   return moments

@@ -72,11 +72,13 @@ class _MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-  """Image -> 2*latent_channels moments (before `quant_conv`)."""
+  """Image -> 2*latent_channels moments (before `quant_conv`); latent_channels when not `double_z`."""
   block_out_channels: Sequence[int]
   layers_per_block: int
   latent_channels: int
   groups: int = 32
+  # False for the VQ model, whose encoder emits latents rather than Gaussian moments.
+  double_z: bool = True
   mid_block_attention: bool = True
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
@@ -94,7 +96,8 @@ class Encoder(nn.Module):
     x = _MidBlock(chans[-1], self.groups, self.mid_block_attention, self.attention_impl,
                   name="mid_block", **kw)(x)
     x = nn.silu(layers.group_norm(self.groups, 1e-6, name="conv_norm_out", **kw)(x))
-    return layers.conv(2 * self.latent_channels, name="conv_out", **kw)(x)
+    out = 2 * self.latent_channels if self.double_z else self.latent_channels
+    return layers.conv(out, name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):

@@ -32,11 +32,11 @@ def dense(features: int, axes: Tuple[str, str], *, dtype: Dtype, param_dtype: Dt
 
 def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, strides: Sequence[int] = (1, 1),
          padding: Any = ((1, 1), (1, 1)), dtype: Dtype, param_dtype: Dtype,
-         name: str | None = None) -> nn.Conv:
+         use_bias: bool = True, name: str | None = None) -> nn.Conv:
   """An NHWC convolution with HWIO kernel axes (None, None, conv_in, conv_out)."""
   return nn.Conv(
       features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype,
-      param_dtype=param_dtype,
+      param_dtype=param_dtype, use_bias=use_bias,
       kernel_init=nn.with_logical_partitioning(
           nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),

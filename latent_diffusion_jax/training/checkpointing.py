@@ -20,6 +20,12 @@ So a preempted fine-tuning run never re-initializes from the pretrained weights.
 
 Preemption: call `reached_preemption(step)` every step; when True, save with `force=True`,
 `wait_until_finished()` and exit 0.
+
+Faults: a step that cannot be restored (a truncated or deleted file) raises
+`CheckpointRestoreError` naming its directory; `quarantine(step)` renames such a step to
+`<step>.corrupt-<time>`, which Orbax no longer lists, so a run can fall back to the step before it
+and later write that step number again. A save that fails (disk full, directory gone), in the
+foreground or in the background thread, raises `CheckpointWriteError` naming the directory and step.
 """
 
 import dataclasses
@@ -27,6 +33,7 @@ import json
 import os
 import signal
 import threading
+import time
 from typing import Any, List, Optional, Tuple
 
 from absl import logging
@@ -36,6 +43,44 @@ import orbax.checkpoint as ocp
 
 CHECKPOINT_SUBDIR = "checkpoints"
 _ITEMS = ("state", "data", "meta")
+
+
+class CheckpointRestoreError(ValueError):
+  """A committed step could not be read back (damaged files, or another model's state)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, unwritable or vanished directory)."""
+
+
+_STORAGE_CAUSES = ("No space left on device", "Disk quota exceeded", "Read-only file system",
+                   "Permission denied", "Not a directory", "No such file or directory")
+
+
+def _short(e: BaseException, limit: int = 600) -> str:
+  """One line for train.py's exit message; a storage cause buried in Orbax's long text goes first."""
+  text = " ".join(f"{type(e).__name__}: {e}".split())
+  cause = next((c for c in _STORAGE_CAUSES if c in text), None)
+  text = text if len(text) <= limit else text[:limit] + " ..."
+  return f"{cause} ({text})" if cause else text
+
+
+def _use_single_replica_writes() -> None:
+  """On CPU, write each replicated array from one replica.
+
+  Orbax's default (replica-parallel) slices every replicated array across its replicas with a
+  small jitted program per distinct shape; on CPU that compiles hundreds of programs at the first
+  save of every process (~10 s for the tiny configs) and saves nothing, as host copies are free.
+  """
+  if jax.default_backend() != "cpu":
+    return
+  current = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(current, "_use_replica_parallel", False):
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            array_metadata_store=getattr(current, "_array_metadata_store", None)),
+        override=True)
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -115,9 +160,11 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, read_only=read_only,
         create=not read_only, cleanup_tmp_directories=not read_only, **when)
+    _use_single_replica_writes()
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
     self._sigterm = threading.Event()
     self._previous_handler = None
+    self._in_flight: Optional[int] = None  # the step an async save is still writing
 
   def save(self, step: int, state: Any, data: Any = None, meta: Any = None,
            force: bool = False) -> bool:
@@ -132,6 +179,9 @@ class Checkpointer:
 
     Returns:
       Whether a save was started. With async_save it completes in the background.
+
+    Raises:
+      CheckpointWriteError: when this save, or the previous one still in flight, failed.
     """
     # The manager's list includes saves still in flight; a preemption save right after an
     # interval save of the same step is then a no-op instead of an error.
@@ -143,10 +193,24 @@ class Checkpointer:
       if value is not None:
         _check_json(name, value)
         items[name] = ocp.args.JsonSave(value)
-    saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if not force and not self._manager.should_save(step):
+      return False
+    # Orbax would wait for the previous async save anyway; waiting here names its step on failure.
+    self.wait_until_finished()
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # any failure to write is fatal for the run; say where and what
+      raise self._write_error(step, e) from e
     if saved:
+      self._in_flight = step
       logging.info("Saving checkpoint step %d to %s", step, self.directory)
     return saved
+
+  def _write_error(self, step: int, e: BaseException) -> CheckpointWriteError:
+    return CheckpointWriteError(
+        f"could not write checkpoint step {step} to {self.directory}: {_short(e)}. Free space or "
+        f"fix the directory's permissions; the last committed step is {self.latest_step()}, and a "
+        "restart resumes from it.")
 
   def restore(self, step: Optional[int] = None, abstract_state: Any = None
               ) -> Tuple[Any, Any, Any]:
@@ -164,6 +228,7 @@ class Checkpointer:
 
     Raises:
       FileNotFoundError: when there is no committed checkpoint (at that step).
+      CheckpointRestoreError: when the step's files cannot be read into `abstract_state`.
     """
     steps = self.all_steps()
     if step is None:
@@ -179,9 +244,34 @@ class Checkpointer:
     for name in ("data", "meta"):
       if (step_dir / name).exists():
         items[name] = ocp.args.JsonRestore()
-    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax / tensorstore raise many types for damaged files
+      raise CheckpointRestoreError(
+          f"checkpoint step {step} in {step_dir} could not be restored ({_short(e)}). Its files "
+          "are damaged or incomplete, or it holds another model's state. Move that directory "
+          "away to resume from the step before it, or set training.restore_fallback=True to do "
+          "so automatically.") from e
     logging.info("Restored checkpoint step %d from %s", step, self.directory)
     return restored["state"], restored.get("data"), restored.get("meta")
+
+  def quarantine(self, step: int) -> str:
+    """Renames a damaged step to `<step>.corrupt-<time>` (kept for inspection, no longer listed).
+
+    Afterwards this run may write `step` again. On several processes all must call it; process 0
+    renames.
+
+    Returns:
+      The new path.
+    """
+    step_dir = ocp.step.build_step_path(self.directory, ocp.step.standard_name_format(), step)
+    target = self.directory / f"{step}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    if jax.process_index() == 0:
+      step_dir.rename(target)
+    if jax.process_count() > 1:
+      ocp.multihost.sync_global_processes(f"checkpointer_quarantine_{step}")
+    self._manager.reload()
+    return os.fspath(target)
 
   def read_meta(self, step: Optional[int] = None) -> Tuple[int, Any]:
     """(step, meta) of a committed step (default latest) without reading the state."""
@@ -225,12 +315,20 @@ class Checkpointer:
     return self._manager.reached_preemption(step) or self._sigterm.is_set()
 
   def wait_until_finished(self) -> None:
-    """Blocks until pending async saves are committed."""
-    self._manager.wait_until_finished()
+    """Blocks until pending async saves are committed.
+
+    Raises:
+      CheckpointWriteError: when the save in flight failed in the background.
+    """
+    step, self._in_flight = self._in_flight, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # the background thread's error, re-raised once by Orbax
+      raise self._write_error(step, e) from e
 
   def close(self) -> None:
     """Waits for pending saves, releases Orbax resources and restores the SIGTERM handler."""
-    self._manager.wait_until_finished()
+    self.wait_until_finished()
     self._manager.close()
     if self._previous_handler is not None:
       signal.signal(signal.SIGTERM, self._previous_handler)

@@ -74,21 +74,37 @@ def _load_shapes(config: mc.ConfigDict, workdir: str, tokenizer, split: str) -> 
 
 
 def make_batches(config: mc.ConfigDict, workdir: str, tokenizer, global_batch: int, mesh,
-                 vae=None, vae_params=None):
-  """(ArrayIterator over this process's data, generator of global batches).
+                 vae=None, vae_params=None, log_indices: bool = False):
+  """(resumable iterator over this process's data, generator of global batches).
 
-  With `data.pre_encode` and a VAE, images are encoded once and batches carry "moments".
+  By `data.kind`: "shapes" (in memory; with `data.pre_encode` and a VAE, images are encoded once
+  and batches carry "moments"), "latent_shards" (pre-encoded "moments" + "input_ids", see
+  data/latent_shards.py) or "webdataset" (raw tar shards: "images" + "input_ids").
+  `log_indices` lets the training iterator write `$LDJ_DATA_INDEX_LOG` (data/array_iterator.py).
   """
-  from latent_diffusion_jax.data.array_iterator import ArrayIterator
-  if config.data.kind != "shapes":
-    raise ValueError(f"Unknown data.kind {config.data.kind!r}; valid: shapes.")
-  arrays = _load_shapes(config, workdir, tokenizer, "train")
-  if config.data.pre_encode and vae is not None:
-    from latent_diffusion_jax.data.pre_encode import encode_images
-    arrays["moments"] = encode_images(vae, vae_params, arrays.pop("images"),
-                                      cache_dir=os.path.join(workdir, "latents"))
-  it = ArrayIterator(arrays, global_batch, seed=config.seed, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+  kind = config.data.kind
+  if kind == "shapes":
+    from latent_diffusion_jax.data.array_iterator import ArrayIterator, index_log_path
+    arrays = _load_shapes(config, workdir, tokenizer, "train")
+    if config.data.pre_encode and vae is not None:
+      from latent_diffusion_jax.data.pre_encode import encode_images
+      arrays["moments"] = encode_images(vae, vae_params, arrays.pop("images"),
+                                        cache_dir=os.path.join(workdir, "latents"))
+    it = ArrayIterator(arrays, global_batch, seed=config.seed, process_index=jax.process_index(),
+                       process_count=jax.process_count(),
+                       index_log=index_log_path(jax.process_index()) if log_indices else None)
+  elif kind == "latent_shards":
+    if vae is None:
+      raise ValueError("data.kind='latent_shards' holds latents; training the autoencoder needs "
+                       "images (data.kind='webdataset').")
+    from latent_diffusion_jax.data import latent_shards
+    it = latent_shards.training_reader(config, global_batch, tokenizer=tokenizer,
+                                       vae_params=vae_params)
+  elif kind == "webdataset":
+    from latent_diffusion_jax.data import webdataset
+    it = webdataset.training_reader(config, global_batch, tokenizer=tokenizer)
+  else:
+    raise ValueError(f"Unknown data.kind {kind!r}; valid: shapes, latent_shards, webdataset.")
 
   def gen():
     for local in it:
@@ -101,7 +117,8 @@ def estimate_scale(config, vae, vae_params, batches, mesh) -> float:
   """1/std of unscaled latents over `training.scale_estimate_batches` batches."""
   task = DiffusionTask(unet=None, vae=vae, text_encoder=None, text_trainable=False,
                        schedule=None, prediction_type="epsilon")
-  fn = jax.jit(lambda p, b, r: encode_latents(task, p, b, r))
+  # Replicated output: every process reads all latents, so all estimate the same scale.
+  fn = jax.jit(lambda p, b, r: encode_latents(task, p, b, r), out_shardings=setup.replicated(mesh))
   lats = [jax.device_get(fn(vae_params, b, jax.random.key(i)))
           for i, b in zip(range(config.training.scale_estimate_batches), batches)]
   return frozen_lib.estimate_scale_factor(lats)
@@ -143,7 +160,8 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
                               max_to_keep=config.training.keep_checkpoints,
                               async_save=config.training.async_checkpointing)
   checkpointer.install_sigterm_handler()
-  data_iter, batches = make_batches(config, workdir, tokenizer, global_batch, mesh, vae, vae_params)
+  data_iter, batches = make_batches(config, workdir, tokenizer, global_batch, mesh, vae, vae_params,
+                                    log_indices=True)
   with parallel.mesh_context(mesh, rules):
     init_fn = build_init_fn(config, unet, text_encoder, tx)
     state, shardings, data_state, meta = setup.initial_state(config, workdir, init_fn, mesh, rules,

@@ -73,15 +73,25 @@ def prepare_tokenizer(config: mc.ConfigDict, workdir: str) -> str:
   if os.path.isdir(dest):
     return dest
   source = config.frozen.tokenizer
+  # Written under a private name and renamed: a run killed half-way, or several processes sharing
+  # the workdir, never leave a partial tokenizer under the name later runs trust.
+  tmp = f"{dest}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
   if source:
     if not os.path.isdir(source):
       raise FileNotFoundError(f"frozen.tokenizer={source!r} is not a directory with a CLIP tokenizer.")
     tokenizers.load_tokenizer(source)  # fails early, naming the path, if it is not a tokenizer
-    shutil.copytree(source, dest)
+    shutil.copytree(source, tmp)
   else:
     from latent_diffusion_jax.data import shapes
-    tokenizers.build_word_tokenizer(shapes.vocabulary(), dest,
+    tokenizers.build_word_tokenizer(shapes.vocabulary(), tmp,
                                     model_max_length=config.model.text_encoder.max_length)
+  try:
+    os.rename(tmp, dest)
+  except OSError:  # another process renamed its identical copy first
+    if not os.path.isdir(dest):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
   return dest
 
 

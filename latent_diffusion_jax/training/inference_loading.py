@@ -50,14 +50,14 @@ def _overridden(config: mc.ConfigDict, overrides: Optional[dict]) -> mc.ConfigDi
 def load_autoencoder_from_workdir(workdir: str, step: Optional[int] = None, use_ema: bool = True,
                                   overrides: Optional[dict] = None) -> Tuple[Any, Any, Optional[float]]:
   """(vae module, params, stored latent scale factor or None) of a stage-1 run."""
-  from latent_diffusion_jax.training.autoencoder_trainer import STAGE1_SUMMARY, build_init_fn
+  from latent_diffusion_jax.training.autoencoder_trainer import (STAGE1_SUMMARY, build_first_stage,
+                                                                 build_init_fn)
   ckpt, step, config, meta = read_run(workdir, step)
   if meta.get("kind") != "autoencoder":
     raise ValueError(f"{workdir} is a {meta.get('kind')!r} run, not a stage-1 autoencoder run.")
   config = _overridden(config, overrides)
-  vae = build.build_vae(config.model)
-  tx = make_optimizer(config.optimizer, config.training.num_steps)
-  params = _restore_trained(ckpt, step, build_init_fn(config, vae, tx), config, use_ema)["vae"]
+  vae = build_first_stage(config)
+  params = _restore_trained(ckpt, step, build_init_fn(config, vae), config, use_ema)["vae"]
   scale = None
   summary_path = os.path.join(workdir, STAGE1_SUMMARY)
   if os.path.isfile(summary_path):

@@ -108,8 +108,10 @@ def run(*, cfg: LoopConfig, state: Any, step_fn: Callable, step_args: tuple,
       msg = (f"Non-finite loss or gradient at step {done_step} (loss={float(metrics['loss'])}, "
              f"grad_norm={float(metrics['grad_norm'])}); the update was not applied.")
       if cfg.nonfinite_policy == "halt":
-        raise NonFiniteLossError(msg + " Stopping; the last good checkpoint is kept "
-                                 f"(latest: {checkpointer.latest_step()}).")
+        checkpointer.wait_until_finished()  # so the step named below is really committed
+        raise NonFiniteLossError(msg + " Stopping (nonfinite_policy=halt); the last good "
+                                 f"checkpoint is kept: step {checkpointer.latest_step()} in "
+                                 f"{checkpointer.directory}.")
       logging.warning("%s Skipped (nonfinite_policy=skip; %d skipped so far).", msg,
                       int(metrics["nonfinite_skips"]))
     acc.add(metrics)
@@ -141,7 +143,14 @@ def run(*, cfg: LoopConfig, state: Any, step_fn: Callable, step_args: tuple,
         break
     if pending is not None:
       consume(pending)
-  finally:
-    checkpointer.wait_until_finished()
+  except BaseException:
+    # Let a save in flight finish (it holds a good state), without masking the error at hand.
+    try:
+      checkpointer.wait_until_finished()
+    except Exception as e:  # reported, the original error is the one raised
+      logging.error("The checkpoint save in flight failed too: %s", e)
     writer.flush()
+    raise
+  checkpointer.wait_until_finished()
+  writer.flush()
   return {"state": state, "step": step, "preempted": preempted, "last_metrics": last}

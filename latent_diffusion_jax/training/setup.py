@@ -6,11 +6,13 @@ from typing import Any, Callable, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections as mc
+import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from latent_diffusion_jax import parallel
-from latent_diffusion_jax.training.checkpointing import Checkpointer, resolve_restore_source
+from latent_diffusion_jax.training.checkpointing import (Checkpointer, CheckpointRestoreError,
+                                                         resolve_restore_source)
 
 
 def check_batch(config: mc.ConfigDict, mesh) -> int:
@@ -75,8 +77,7 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
   abstract, shardings = parallel.sharded_abstract_state(init_fn, rng, mesh=mesh, rules=rules)
   source = resolve_restore_source(workdir, config.training.init_checkpoint or None)
   if source.kind == "workdir":
-    logging.info("Resuming from %s step %s", workdir, source.step)
-    state, data, meta = checkpointer.restore(abstract_state=abstract)
+    state, data, meta = resume(checkpointer, abstract, fallback=config.training.restore_fallback)
     return state, shardings, data, meta
   state, shardings = parallel.create_sharded_state(init_fn, rng, mesh=mesh, rules=rules)
   if source.kind == "init":
@@ -88,6 +89,61 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
         source.step, abstract_state=abstract)
     state = state.replace(params=restored.params, ema_params=restored.ema_params)
   return state, shardings, None, None
+
+
+def _restore_complete(checkpointer: Checkpointer, step: int, abstract: Any) -> Tuple[Any, Any, Any]:
+  state, data, meta = checkpointer.restore(step, abstract_state=abstract)
+  # The trainers always save all three items; a step without its data position would silently
+  # restart the data order, one without meta would re-derive the latent scale.
+  missing = [name for name, value in (("data", data), ("meta", meta)) if value is None]
+  if missing:
+    raise CheckpointRestoreError(
+        f"checkpoint step {step} in {checkpointer.directory} lacks its {' and '.join(missing)} "
+        "item(s); it is incomplete. Move it away or set training.restore_fallback=True.")
+  return state, data, meta
+
+
+def _agree(ok: bool) -> bool:
+  """Whether every process succeeded, so all of them take the same fallback path."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
+def resume(checkpointer: Checkpointer, abstract: Any, *, fallback: bool) -> Tuple[Any, Any, Any]:
+  """Restores the latest committed step; with `fallback`, damaged steps give way to older ones.
+
+  Once an older step restores, the damaged newer ones are quarantined (renamed, see
+  `Checkpointer.quarantine`) so the resumed run can write those step numbers again. When no step
+  restores, nothing is renamed.
+
+  Returns:
+    (state, data, meta) of the step restored.
+
+  Raises:
+    CheckpointRestoreError: when the latest step (or, with `fallback`, every step) fails to restore.
+  """
+  steps = checkpointer.all_steps()
+  damaged = []
+  for step in reversed(steps):
+    logging.info("Resuming from %s step %d", checkpointer.directory, step)
+    error = None
+    try:
+      restored = _restore_complete(checkpointer, step, abstract)
+    except CheckpointRestoreError as e:
+      error = e
+    if _agree(error is None):
+      for bad in damaged:
+        logging.warning("Moved damaged checkpoint step %d to %s.", bad, checkpointer.quarantine(bad))
+      return restored
+    error = error or CheckpointRestoreError(f"checkpoint step {step} failed on another process.")
+    if not fallback:
+      raise error
+    damaged.append(step)
+    logging.warning("%s Trying the previous committed step (training.restore_fallback=True).", error)
+  raise CheckpointRestoreError(f"no checkpoint in {checkpointer.directory} could be restored "
+                               f"(tried steps {steps[::-1]}); see the warnings above.")
 
 
 def compile_step(step_fn: Callable, state: Any, shardings: Any, batch: Any, extra: tuple,

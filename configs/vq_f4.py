@@ -1,0 +1,74 @@
+"""Stage 1 of the LDM paper's VQ models: vq-f4 (embed_dim 3, 8192 codes; diffusers VQModel layout).
+
+  python train.py --config configs/vq_f4.py --workdir workdirs/vq_f4 \
+      --config.autoencoder.lpips_weights=lpips_vgg.safetensors
+
+As LDM's first_stage_models/vq-f4 config: ch 128, ch_mult (1, 2, 4), 2 res blocks, 3 latent
+channels, codebook 8192 x 3 with commitment beta 0.25 and codebook weight 1, L1 + LPIPS, PatchGAN
+hinge loss with the adaptive weight (disc_weight 0.75) from the first step. Adam(0.5, 0.9) at
+4.5e-6 times the global batch. `--config.autoencoder.vq_ema_decay=0.99` swaps the codebook loss for
+EMA codebook updates. Stage 2 trains on the pre-quantization latents; decoding quantizes them.
+Arguments: `tiny` (same structure, tiny widths and codebook, no LPIPS: a 2-step smoke run).
+"""
+
+from latent_diffusion_jax.config import base_config, parse_arg
+
+
+def get_config(arg=None):
+  args = parse_arg(arg, tiny=False)
+  c = base_config()
+  c.stage = "autoencoder"
+  m = c.model
+  m.image_size = 256
+  m.vae.block_out_channels = (128, 256, 512)
+  m.vae.layers_per_block = 2
+  m.vae.latent_channels = 3
+  m.vae.norm_num_groups = 32
+  m.text_encoder.kind = "none"
+
+  a = c.autoencoder
+  a.kind = "vq"
+  a.num_vq_embeddings = 8192
+  a.vq_embed_dim = 3
+  a.vq_beta = 0.25
+  a.codebook_weight = 1.0
+  a.perceptual_weight = 1.0
+  # taming's VQ loss has no output log-variance.
+  a.learn_logvar = False
+  a.disc_start = 0
+  a.disc_weight = 0.75
+  a.disc_loss = "hinge"
+  a.disc_channels = 64
+  a.disc_num_layers = 3
+
+  c.training.batch_size = 96
+  c.training.num_steps = 300_000
+  c.training.log_every = 100
+  c.training.checkpoint_every = 5000
+  c.training.sample_every = 5000
+  o = c.optimizer
+  o.learning_rate = 4.5e-6 * c.training.batch_size
+  o.warmup_steps = 0
+  o.schedule = "constant"
+  o.b1, o.b2 = 0.5, 0.9
+  o.weight_decay = 0.0
+  o.grad_clip_norm = 0.0
+  o.ema_decay = 0.0
+  if args.tiny:
+    m.image_size = 32
+    m.vae.block_out_channels = (16, 32, 32)
+    m.vae.layers_per_block = 1
+    m.vae.norm_num_groups = 8
+    a.num_vq_embeddings = 64
+    a.perceptual_weight = 0.0
+    a.disc_start = 1
+    a.disc_channels = 8
+    a.disc_num_layers = 2
+    c.training.batch_size = 8
+    c.training.num_steps = 2
+    c.training.log_every = 1
+    c.training.checkpoint_every = 1
+    c.training.sample_every = 0
+    c.data.num_train = 64
+    c.data.num_test = 16
+  return c

@@ -1,0 +1,409 @@
+"""The sharded encode job: WebDataset tar shards in, latent shards (latent_shards.py) out.
+
+  python -m latent_diffusion_jax.encode --config configs/sd15.py \
+      --input 'gs://bucket/laion/{00000..00127}.tar' --output gs://bucket/laion-latents-512
+
+Each host takes the input shards i with i % process_count == process_index and writes one output
+shard per input shard. Images are encoded by the VAE and captions by the frozen text encoder in
+large jitted batches split over the host's local devices; the host's tf.data pipeline decodes the
+next images meanwhile, and results are written one batch behind, so the devices rarely wait.
+
+Resumable: an output shard is written under a temporary name and renamed when complete (after its
+NAME.stats.json), so a restarted job skips exactly the finished shards. `encode_job.json` records
+the models' fingerprints and the preprocessing; a restart with different ones is refused. The
+host that finds every shard finished writes manifest.json.
+"""
+
+import dataclasses
+import math
+import posixpath
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec
+
+from latent_diffusion_jax import parallel
+from latent_diffusion_jax.data import latent_shards as ls
+from latent_diffusion_jax.data import webdataset as wds
+from latent_diffusion_jax.data.pre_encode import fingerprint
+from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
+
+_SKIPPED_KEYS_KEPT = 20  # per reason, in each shard's stats file
+
+
+class BatchEncoder:
+  """Jitted VAE (+ optional text) encoding of fixed-size batches over this host's devices.
+
+  Args:
+    vae, vae_params: the frozen first stage (its `dtype` is the compute dtype).
+    text_encoder, text_params: a frozen text encoder to store embeddings of, or None.
+    batch_size: images per call; rounded up to a multiple of the local device count.
+    storage_dtype: "float16" or "bfloat16" for the stored moments.
+    devices: devices to split batches over; default this host's.
+  """
+
+  def __init__(self, vae, vae_params, text_encoder=None, text_params=None, *, batch_size: int,
+               storage_dtype: str = "float16", devices: Optional[Sequence[jax.Device]] = None):
+    if storage_dtype not in ("float16", "bfloat16"):
+      raise ValueError(f"storage dtype {storage_dtype!r}; valid: float16, bfloat16.")
+    self.mesh = parallel.create_mesh((-1, 1, 1), devices=list(devices or jax.local_devices()))
+    self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
+    self.storage_dtype = storage_dtype
+    self.vae_fingerprint = fingerprint(vae_params)
+    self.text_fingerprint = fingerprint(text_params) if text_params is not None else None
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    self._params = jax.device_put({"vae": vae_params, "text": text_params}, replicated)
+    store = jnp.dtype(storage_dtype)
+
+    def encode(params, images, input_ids):
+      x = images.astype(jnp.float32) / 127.5 - 1.0
+      moments = vae.apply({"params": params["vae"]}, x, method=vae.encode).astype(jnp.float32)
+      posterior = DiagonalGaussian(moments)
+      # Per-example sums of E[z] and E[z^2] for the manifest's 1/std scale estimate.
+      axes = tuple(range(1, moments.ndim))
+      sums = jnp.stack([posterior.mean.sum(axes),
+                        (posterior.mean**2 + jnp.exp(posterior.logvar)).sum(axes)], -1)
+      out = {"moments": moments.astype(store), "latent_sums": sums}
+      if params["text"] is not None:
+        hidden = text_encoder.apply({"params": params["text"]}, input_ids)
+        out["context"] = (hidden[0] if isinstance(hidden, tuple) else hidden).astype(jnp.float16)
+      return out
+
+    self._encode = jax.jit(encode)
+
+  def __call__(self, images: np.ndarray, input_ids: np.ndarray) -> Dict[str, jax.Array]:
+    """Dispatches one batch (exactly `batch_size` rows) and returns without waiting."""
+    data = lambda x: jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
+    return self._encode(self._params, data(images), data(input_ids))
+
+  def output_shapes(self, resolution: int, max_length: int) -> Dict[str, tuple]:
+    """Per-example shapes of the outputs, traced without running anything."""
+    out = jax.eval_shape(self._encode, self._params,
+                         jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.uint8),
+                         jax.ShapeDtypeStruct((1, max_length), jnp.int32))
+    return {k: tuple(v.shape[1:]) for k, v in out.items()}
+
+
+@dataclasses.dataclass
+class _Shard:
+  """Counts and the open writer of one shard being encoded."""
+  stats: Dict[str, Any]
+  writer: Optional[ls.ShardWriter] = None
+  ended: bool = False
+  pending: int = 0  # kept records not yet written
+
+
+def _new_stats(path: str, name: str) -> Dict[str, Any]:
+  return {"input": path, "output": name, "read": 0, "kept": 0, "skipped": {}, "skipped_keys": {},
+          "captions_truncated": 0, "latent_sums": [0.0, 0.0, 0]}
+
+
+def plan_inputs(inputs: str | Sequence[str]) -> Tuple[List[str], List[str]]:
+  """(input shard paths, output shard names); fails fast on bad patterns or clashing names."""
+  files = wds.expand_patterns(inputs)
+  return files, output_names(files)
+
+
+def output_names(files: Sequence[str]) -> List[str]:
+  """`NAME.tfrecord` per input `NAME.tar` (or .tar.gz / .tgz); refuses clashing names."""
+  names = []
+  for path in files:
+    base = posixpath.basename(path)
+    for suffix in (".tar.gz", ".tgz", ".tar"):
+      if base.endswith(suffix):
+        base = base[:-len(suffix)]
+        break
+    names.append(base + ls.SHARD_SUFFIX)
+  clashes = sorted({n for n in names if names.count(n) > 1})
+  if clashes:
+    raise ValueError(f"Input shards from different directories share names {clashes[:5]}; encode "
+                     "them into separate output directories.")
+  return names
+
+
+def _job_description(config, prep: wds.Preprocessing, encoder: BatchEncoder, tokenizer) -> dict:
+  shapes = encoder.output_shapes(prep.resolution, config.model.text_encoder.max_length)
+  return {
+      "format": ls.FORMAT, "vae_fingerprint": encoder.vae_fingerprint,
+      "text_encoder_fingerprint": encoder.text_fingerprint,
+      "tokenizer_fingerprint": ls.tokenizer_fingerprint(tokenizer),
+      "preprocessing": dataclasses.asdict(prep), "storage_dtype": encoder.storage_dtype,
+      "compute_dtype": config.model.dtype, "moments_shape": list(shapes["moments"]),
+      "max_length": config.model.text_encoder.max_length,
+      "context_shape": list(shapes["context"]) if "context" in shapes else None,
+  }
+
+
+def _check_job(output_dir: str, job: dict, process_index: int) -> None:
+  path = posixpath.join(output_dir, ls.JOB_FILE)
+  if tf.io.gfile.exists(path):
+    previous = ls.read_json(path)
+    changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+    if changed:
+      raise ValueError(f"{output_dir} holds shards encoded with other settings ({changed} differ: "
+                       f"{[(previous.get(k), job.get(k)) for k in changed]}); use another "
+                       "--output.")
+    return
+  ls.write_json(path, job, tmp_suffix=f".tmp{process_index}")
+
+
+class _Progress:
+  """Log lines with images/s every `every_s` seconds."""
+
+  def __init__(self, total_shards: int, every_s: float):
+    self.total_shards, self.every_s = total_shards, every_s
+    self.t0 = self.last = time.perf_counter()
+    self.encoded = self.read = self.shards_done = 0
+
+  def maybe_log(self, force: bool = False) -> None:
+    now = time.perf_counter()
+    if force or now - self.last >= self.every_s:
+      self.last = now
+      logging.info("Encode: %d/%d shards, %d records read, %d images encoded (%.1f images/s)",
+                   self.shards_done, self.total_shards, self.read, self.encoded,
+                   self.encoded / max(now - self.t0, 1e-9))
+
+
+class _ShardEncoder:
+  """Routes records to per-shard writers, batching kept ones through the encoder."""
+
+  def __init__(self, config, encoder: BatchEncoder, tokenizer, output_dir: str, files, names,
+               todo: Sequence[int], after_shard: Optional[Callable[[str], None]]):
+    self.config, self.encoder, self.tokenizer = config, encoder, tokenizer
+    self.output_dir, self.after_shard = output_dir, after_shard
+    self.max_length = config.model.text_encoder.max_length
+    # Indexed like the records' "shard" field: position in `todo`.
+    self.shards = [_Shard(_new_stats(files[i], names[i])) for i in todo]
+    self.buffer: List[dict] = []
+    self.inflight = None
+    self.progress = _Progress(len(todo), config.encode.log_every_seconds)
+
+  def add_chunk(self, chunk: Dict[str, np.ndarray]) -> None:
+    statuses = chunk["status"].copy()
+    kept = np.flatnonzero(statuses == b"")
+    captions = [chunk["caption"][j].decode("utf-8") for j in kept]
+    ids, too_long = wds.tokenize_captions(self.tokenizer, captions, self.max_length)
+    if self.config.encode.long_captions == "skip":
+      statuses[kept[too_long]] = b"caption_too_long"
+    token_rows = dict(zip(kept, zip(ids, too_long, captions)))
+    for j, status in enumerate(statuses):
+      shard = self.shards[chunk["shard"][j]]
+      key = chunk["key"][j].decode("utf-8", "replace")
+      if status == wds.SHARD_END.encode():
+        shard.ended = True
+        continue
+      shard.stats["read"] += 1
+      self.progress.read += 1
+      if status:
+        self._skip(shard, key, status.decode(), chunk["detail"][j].decode("utf-8", "replace"))
+        continue
+      row_ids, truncated, caption = token_rows[j]
+      shard.stats["captions_truncated"] += int(truncated)
+      shard.pending += 1
+      self.buffer.append({"shard": shard, "key": key, "caption": caption,
+                          "pixels": chunk["pixels"][j], "input_ids": row_ids,
+                          "original_size": chunk["original_size"][j],
+                          "crop_offset": chunk["crop_offset"][j]})
+    while len(self.buffer) >= self.encoder.batch_size:
+      self._dispatch(self.encoder.batch_size)
+    self._finish_ended()
+    self.progress.maybe_log()
+
+  def finish(self) -> None:
+    while self.buffer:
+      self._dispatch(min(len(self.buffer), self.encoder.batch_size))
+    self._drain()
+    for shard in self.shards:
+      shard.ended = True
+    self._finish_ended()
+    self.progress.maybe_log(force=True)
+
+  def _skip(self, shard: _Shard, key: str, reason: str, detail: str) -> None:
+    stats = shard.stats
+    stats["skipped"][reason] = stats["skipped"].get(reason, 0) + 1
+    keys = stats["skipped_keys"].setdefault(reason, [])
+    if len(keys) < _SKIPPED_KEYS_KEPT:
+      keys.append(key)
+    logging.info("Skipped %s in %s: %s%s", key, posixpath.basename(stats["input"]), reason,
+                 f" ({detail})" if detail else "")
+
+  def _dispatch(self, n: int) -> None:
+    """Starts encoding the first `n` buffered records, then writes the previous batch."""
+    records, self.buffer = self.buffer[:n], self.buffer[n:]
+    pad = self.encoder.batch_size - n
+    images = np.stack([r["pixels"] for r in records])
+    ids = np.stack([r["input_ids"] for r in records])
+    if pad:  # one compiled shape for every batch
+      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+      ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
+    outputs = self.encoder(images, ids)
+    self._drain()
+    self.inflight = (outputs, records)
+
+  def _drain(self) -> None:
+    if self.inflight is None:
+      return
+    outputs, records = self.inflight
+    self.inflight = None
+    outputs = jax.device_get(outputs)
+    contexts = outputs.get("context", [None] * len(records))
+    for i, r in enumerate(records):
+      shard = r["shard"]
+      if shard.writer is None:
+        shard.writer = ls.ShardWriter(posixpath.join(self.output_dir, shard.stats["output"]))
+      shard.writer.write(ls.serialize_example(
+          key=r["key"], caption=r["caption"], moments=outputs["moments"][i],
+          input_ids=r["input_ids"], original_size=r["original_size"],
+          crop_offset=r["crop_offset"], context=contexts[i]))
+      sums = shard.stats["latent_sums"]
+      sums[0] += float(outputs["latent_sums"][i, 0])
+      sums[1] += float(outputs["latent_sums"][i, 1])
+      sums[2] += int(np.prod(outputs["moments"].shape[1:])) // 2
+      shard.stats["kept"] += 1
+      shard.pending -= 1
+    self.progress.encoded += len(records)
+
+  def _finish_ended(self) -> None:
+    for shard in self.shards:
+      if not shard.ended or shard.pending or shard.stats.get("done"):
+        continue
+      path = posixpath.join(self.output_dir, shard.stats["output"])
+      if shard.writer is None:  # nothing kept: an empty shard still marks the input as done
+        shard.writer = ls.ShardWriter(path)
+        logging.warning("Shard %s yielded no examples (%s).", shard.stats["input"],
+                        shard.stats["skipped"] or "empty")
+      shard.stats["done"] = True
+      ls.write_json(path[:-len(ls.SHARD_SUFFIX)] + ls.STATS_SUFFIX, shard.stats)
+      shard.writer.commit()
+      self.progress.shards_done += 1
+      if self.after_shard is not None:
+        self.after_shard(shard.stats["output"])
+
+
+def encode_shards(config, inputs: str | Sequence[str], output_dir: str, *, encoder: BatchEncoder,
+                  tokenizer, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None, scale_factor: Optional[float] = None,
+                  after_shard: Optional[Callable[[str], None]] = None) -> Dict[str, Any]:
+  """Encodes this host's share of the input shards into `output_dir`, skipping finished ones.
+
+  Args:
+    config: the run config (encode.*, model.text_encoder.max_length, seed).
+    inputs: shard pattern(s): paths, globs, brace patterns (webdataset.expand_patterns).
+    output_dir: local or gs:// directory for the latent shards.
+    encoder: the models (see `BatchEncoder`; `build_encoder` makes one from the config).
+    tokenizer: the CLIP tokenizer of the caption ids.
+    process_index, process_count: this host's share; default: JAX's.
+    scale_factor: the VAE's latent scale factor when known (recorded in the manifest).
+    after_shard: called with each finished output shard's name (tests use it to interrupt).
+
+  Returns:
+    {"read", "kept", "skipped": {reason: n}, "captions_truncated", "shards", "manifest"} over this
+    host's shards, including ones finished by earlier runs; "manifest" is the manifest path when
+    this host wrote it.
+  """
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  files, names = plan_inputs(inputs)
+  mine = [i for i in range(len(files)) if i % pc == pi]
+  prep = wds.Preprocessing.from_config(config)
+  tf.io.gfile.makedirs(output_dir)
+  job = _job_description(config, prep, encoder, tokenizer)
+  _check_job(output_dir, job, pi)
+  todo = [i for i in mine if not tf.io.gfile.exists(posixpath.join(output_dir, names[i]))]
+  logging.info("Encoding %d of %d shards on host %d/%d (%d already done) into %s", len(todo),
+               len(files), pi, pc, len(mine) - len(todo), output_dir)
+  if todo:
+    job_encoder = _ShardEncoder(config, encoder, tokenizer, output_dir, files, names, todo,
+                                after_shard)
+    ds = wds.read_samples([files[i] for i in todo], prep,
+                          parallel_shards=config.encode.parallel_shards,
+                          parallel_decode=config.encode.parallel_decode or tf.data.AUTOTUNE)
+    ds = ds.batch(encoder.batch_size).prefetch(2)
+    for chunk in ds.as_numpy_iterator():
+      job_encoder.add_chunk(chunk)
+    job_encoder.finish()
+  summary = summarize([_stats_path(output_dir, names[i]) for i in mine])
+  logging.info("Encode summary (host %d):\n%s", pi, format_table(summary))
+  summary["manifest"] = maybe_write_manifest(output_dir, names, job, config, pi, scale_factor)
+  return summary
+
+
+def _stats_path(output_dir: str, name: str) -> str:
+  return posixpath.join(output_dir, name[:-len(ls.SHARD_SUFFIX)] + ls.STATS_SUFFIX)
+
+
+def summarize(stats_paths: Sequence[str]) -> Dict[str, Any]:
+  """Totals over shards' stats files: read, kept, skipped by reason, truncated captions."""
+  total = {"read": 0, "kept": 0, "skipped": {}, "captions_truncated": 0, "shards": {},
+           "latent_sums": [0.0, 0.0, 0]}
+  for path in stats_paths:
+    stats = ls.read_json(path)
+    total["shards"][stats["output"]] = {k: stats[k] for k in ("input", "read", "kept", "skipped")}
+    for k in ("read", "kept", "captions_truncated"):
+      total[k] += stats[k]
+    for reason, n in stats["skipped"].items():
+      total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+    total["latent_sums"] = [a + b for a, b in zip(total["latent_sums"], stats["latent_sums"])]
+  return total
+
+
+def format_table(summary: Dict[str, Any]) -> str:
+  """The end-of-job table: records read, kept and skipped by reason."""
+  rows = [("read", summary["read"]), ("kept", summary["kept"])]
+  rows += [(f"skipped: {r}", n) for r, n in sorted(summary["skipped"].items())]
+  rows.append(("(captions truncated, kept)", summary["captions_truncated"]))
+  width = max(len(r) for r, _ in rows)
+  return "\n".join(f"  {r:<{width}}  {n:>10,}" for r, n in rows)
+
+
+def maybe_write_manifest(output_dir: str, names: Sequence[str], job: dict, config,
+                         process_index: int, scale_factor: Optional[float]) -> Optional[str]:
+  """Writes manifest.json when every shard of the job is finished (by any host)."""
+  stats_paths = [_stats_path(output_dir, n) for n in names]
+  finished = [tf.io.gfile.exists(posixpath.join(output_dir, n)) for n in names]
+  if not all(finished):
+    logging.info("%d of %d shards still unfinished (other hosts); their host writes the manifest.",
+                 finished.count(False), len(names))
+    return None
+  summary = summarize(stats_paths)
+  s_mean, s_sq, count = summary.pop("latent_sums")
+  std = math.sqrt(max(s_sq / count - (s_mean / count)**2, 0.0)) if count else None
+  manifest = dict(job, num_examples=summary["kept"], num_shards=len(names), read=summary["read"],
+                  skipped=summary["skipped"], captions_truncated=summary["captions_truncated"],
+                  shards=summary["shards"], latent_mean=s_mean / count if count else None,
+                  latent_std=std, estimated_scale_factor=1.0 / std if std else None,
+                  latent_scale_factor=scale_factor,
+                  config=config.to_json_best_effort(sort_keys=True),
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+  path = posixpath.join(output_dir, ls.MANIFEST)
+  ls.write_json(path, manifest, tmp_suffix=f".tmp{process_index}")
+  logging.info("Wrote %s: %d examples in %d shards", path, summary["kept"], len(names))
+  return path
+
+
+def build_encoder(config) -> tuple:
+  """(BatchEncoder, tokenizer, known scale factor or None) from the config's frozen sources."""
+  import tempfile
+  from latent_diffusion_jax.data.tokenizers import load_tokenizer
+  from latent_diffusion_jax.training import frozen
+  te = config.model.text_encoder
+  if te.kind == "none":
+    raise ValueError("Encoding stores caption token ids: use a text-conditioned model config "
+                     "(model.text_encoder.kind clip or ldm_transformer).")
+  vae, vae_params, stored_scale = frozen.load_vae(config)
+  text, text_params = None, None
+  if config.encode.store_text_embeddings:
+    if te.kind != "clip" or te.trainable:
+      raise ValueError("encode.store_text_embeddings needs a frozen CLIP text encoder "
+                       "(model.text_encoder.kind='clip', trainable=False).")
+    text, text_params = frozen.load_text_encoder(config)
+  encoder = BatchEncoder(vae, vae_params, text, text_params, batch_size=config.encode.batch_size,
+                         storage_dtype=config.encode.storage_dtype)
+  tokenizer = load_tokenizer(frozen.prepare_tokenizer(config, tempfile.mkdtemp()))
+  scale = config.model.latent_scale_factor if config.model.latent_scale_factor > 0 else stored_scale
+  return encoder, tokenizer, scale

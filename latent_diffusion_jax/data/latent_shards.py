@@ -1,0 +1,395 @@
+"""Latent shards: TFRecord files of pre-encoded examples, their manifest, and the training reader.
+
+An output directory of `python -m latent_diffusion_jax.encode` holds one `NAME.tfrecord` per input
+shard `NAME.tar`, a `NAME.stats.json` beside each (its counts), `encode_job.json` (the settings a
+resumed job must match) and, once every shard is done, `manifest.json`.
+
+Per example (tf.train.Example features):
+  key, caption            bytes
+  moments                 raw little-endian bytes of [h, w, 2C] in the manifest's `storage_dtype`
+                          (float16 or bfloat16): channels [:C] the posterior mean, [C:] its logvar
+  moments_shape           int64 [3];  moments_dtype  bytes ("float16" / "bfloat16")
+  input_ids               int64 [max_length], padded with the pad token
+  context, context_shape  optional: float16 bytes of the frozen text encoder's output [L, D]
+  original_size           int64 [2] (height, width) before resizing
+  crop_offset             int64 [2] (top, left) of the crop in the resized image
+
+Training reader (deterministic, exactly resumable): each host reads files[process_index::count].
+Every epoch the host's files are permuted from (seed, host, epoch) and cut into windows of
+`files_per_window` files; a window's files are interleaved and shuffled with a seed of its own,
+then windows follow each other. The position is one integer, the number of batches consumed, the
+same on every host. Since the manifest gives each file's record count, a restart computes the
+window holding that position, rebuilds it and skips into it: a resume re-reads at most one
+window (files_per_window files, no parsing), never the epoch so far. This beats saving tf.data's
+iterator checkpoint, which would store the whole shuffle buffer (gigabytes of latents per host)
+in a per-host file beside each Orbax step, and which breaks when the host count changes.
+"""
+
+import hashlib
+import json
+import posixpath
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+MANIFEST = "manifest.json"
+JOB_FILE = "encode_job.json"
+SHARD_SUFFIX = ".tfrecord"
+STATS_SUFFIX = ".stats.json"
+FORMAT = "latent_shards/v1"
+_TF_DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16}
+
+
+def _bytes(*values: bytes) -> tf.train.Feature:
+  return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values) -> tf.train.Feature:
+  return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def serialize_example(*, key: str, caption: str, moments: np.ndarray, input_ids: np.ndarray,
+                      original_size: Sequence[int], crop_offset: Sequence[int],
+                      context: Optional[np.ndarray] = None) -> bytes:
+  """One encoded sample as a serialized tf.train.Example (layout in the module docstring)."""
+  features = {
+      "key": _bytes(key.encode("utf-8")), "caption": _bytes(caption.encode("utf-8")),
+      "moments": _bytes(np.ascontiguousarray(moments).tobytes()),
+      "moments_shape": _ints(moments.shape), "moments_dtype": _bytes(moments.dtype.name.encode()),
+      "input_ids": _ints(input_ids), "original_size": _ints(original_size),
+      "crop_offset": _ints(crop_offset),
+  }
+  if context is not None:
+    features["context"] = _bytes(np.ascontiguousarray(context, np.float16).tobytes())
+    features["context_shape"] = _ints(context.shape)
+  return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
+
+
+def parse_example(serialized: bytes) -> Dict[str, Any]:
+  """Reads one example back into numpy (for tools and tests; training parses in tf.data)."""
+  f = tf.train.Example.FromString(serialized).features.feature
+  dtype = np.dtype(tf.as_dtype(f["moments_dtype"].bytes_list.value[0].decode()).as_numpy_dtype)
+  out = {
+      "key": f["key"].bytes_list.value[0].decode("utf-8"),
+      "caption": f["caption"].bytes_list.value[0].decode("utf-8"),
+      "moments": np.frombuffer(f["moments"].bytes_list.value[0], dtype).reshape(
+          f["moments_shape"].int64_list.value),
+      "input_ids": np.asarray(f["input_ids"].int64_list.value, np.int32),
+      "original_size": tuple(f["original_size"].int64_list.value),
+      "crop_offset": tuple(f["crop_offset"].int64_list.value),
+  }
+  if "context" in f:
+    out["context"] = np.frombuffer(f["context"].bytes_list.value[0], np.float16).reshape(
+        f["context_shape"].int64_list.value)
+  return out
+
+
+def read_shard(path: str) -> List[Dict[str, Any]]:
+  """All examples of one latent shard, in file order."""
+  return [parse_example(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+
+
+def write_json(path: str, value: Any, tmp_suffix: str = ".tmp") -> None:
+  """Writes JSON so that readers see the old file or the whole new one, never a partial one."""
+  tmp = path + tmp_suffix
+  with tf.io.gfile.GFile(tmp, "w") as f:
+    f.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+  tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def read_json(path: str) -> Any:
+  """Reads a JSON file from any path tf.io.gfile knows."""
+  with tf.io.gfile.GFile(path, "r") as f:
+    return json.loads(f.read())
+
+
+class ShardWriter:
+  """Writes one output shard under a temporary name; `commit` renames it into place."""
+
+  def __init__(self, path: str):
+    self.path, self.tmp_path = path, path + ".tmp"
+    self._writer = tf.io.TFRecordWriter(self.tmp_path)
+    self.count = 0
+
+  def write(self, serialized: bytes) -> None:
+    self._writer.write(serialized)
+    self.count += 1
+
+  def commit(self) -> None:
+    self._writer.close()
+    tf.io.gfile.rename(self.tmp_path, self.path, overwrite=True)
+
+
+def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
+  """Latent shard files named by a directory or pattern, with their manifest(s).
+
+  Returns:
+    (files sorted, record count per file, the first manifest). All manifests must agree on the
+    stored shapes and dtype.
+
+  Raises:
+    FileNotFoundError: no shard matches, or a directory has no manifest (its encode job is not
+      finished).
+    ValueError: manifests disagree, or a file is missing from its manifest.
+  """
+  from latent_diffusion_jax.data.webdataset import expand_patterns
+  if tf.io.gfile.isdir(pattern):
+    pattern = posixpath.join(pattern, "*" + SHARD_SUFFIX)
+  files = sorted(f for f in expand_patterns(pattern) if f.endswith(SHARD_SUFFIX))
+  if not files:
+    raise FileNotFoundError(f"No latent shards ({SHARD_SUFFIX}) match {pattern!r}.")
+  manifests: Dict[str, dict] = {}
+  counts = []
+  for path in files:
+    directory = posixpath.dirname(path)
+    if directory not in manifests:
+      manifest_path = posixpath.join(directory, MANIFEST)
+      if not tf.io.gfile.exists(manifest_path):
+        raise FileNotFoundError(f"{manifest_path} is missing: the encode job writing {directory} "
+                                "has not finished (re-run it; finished shards are skipped).")
+      manifests[directory] = read_json(manifest_path)
+    shards = manifests[directory]["shards"]
+    name = posixpath.basename(path)
+    if name not in shards:
+      raise ValueError(f"{path} is not listed in {directory}/{MANIFEST}.")
+    counts.append(int(shards[name]["kept"]))
+  first, *others = manifests.values()
+  for other in others:
+    for field in ("storage_dtype", "moments_shape", "max_length", "context_shape",
+                  "vae_fingerprint", "tokenizer_fingerprint"):
+      if other.get(field) != first.get(field):
+        raise ValueError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
+                         f"{other.get(field)}.")
+  return files, counts, first
+
+
+def _window_plan(files: Sequence[str], counts: Sequence[int], *, seed: int, process_index: int,
+                 files_per_window: int, start_example: int):
+  """Yields (window files, shuffle seed, records to skip) for this host, forever."""
+  files, counts = np.asarray(files), np.asarray(counts, np.int64)
+  epoch, offset = divmod(start_example, int(counts.sum()))
+  while True:
+    order = np.random.default_rng([seed, process_index, epoch]).permutation(len(files))
+    for window, start in enumerate(range(0, len(files), files_per_window)):
+      chosen = order[start:start + files_per_window]
+      count = int(counts[chosen].sum())
+      if offset >= count:  # wholly consumed before the resume point (or empty)
+        offset -= count
+        continue
+      window_rng = np.random.default_rng([seed, process_index, epoch, window])
+      shuffle_seed = int(window_rng.integers(2**31))
+      yield files[chosen].astype(bytes), np.int64(shuffle_seed), np.int64(offset)
+      offset = 0
+    epoch += 1
+
+
+def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: int, seed: int,
+                   start_batch: int, moments_shape: Sequence[int], storage_dtype: str,
+                   max_length: int, context_shape: Optional[Sequence[int]] = None,
+                   with_metadata: bool = False, process_index: int = 0,
+                   shuffle_buffer: int = 10_000, files_per_window: int = 16,
+                   prefetch: int = 2) -> tf.data.Dataset:
+  """Endless batches of this host's examples, from batch `start_batch` on (see module doc).
+
+  Args:
+    files, counts: this host's latent shards and their record counts (from the manifest).
+    local_batch: examples per batch on this host (global batch / process count).
+    seed: data-order seed.
+    start_batch: batches already consumed (0 for a fresh run).
+    moments_shape, storage_dtype, max_length, context_shape: the stored layout (manifest);
+      context_shape None leaves text embeddings out.
+    with_metadata: also return key, caption, original_size, crop_offset.
+    process_index: this host's index (decorrelates hosts' orders).
+    shuffle_buffer: examples in each window's shuffle buffer.
+    files_per_window: files interleaved and shuffled together; bounds the cost of a resume.
+    prefetch: batches prepared ahead.
+
+  Returns:
+    A tf.data.Dataset of dicts: moments [B, h, w, 2C] (storage dtype), input_ids int32
+    [B, max_length], optionally context float16 [B, L, D] and the metadata fields.
+  """
+  if not files or sum(counts) == 0:
+    raise ValueError(f"Host {process_index} has no latent examples to read ({len(files)} files).")
+  plan = tf.data.Dataset.from_generator(
+      lambda: _window_plan(files, counts, seed=seed, process_index=process_index,
+                           files_per_window=files_per_window,
+                           start_example=start_batch * local_batch),
+      output_signature=(tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int64),
+                        tf.TensorSpec([], tf.int64)))
+
+  def window(paths, shuffle_seed, skip):
+    records = tf.data.Dataset.from_tensor_slices(paths).interleave(
+        lambda path: tf.data.TFRecordDataset(path), cycle_length=files_per_window, block_length=1,
+        num_parallel_calls=files_per_window, deterministic=True)
+    return records.shuffle(shuffle_buffer, seed=shuffle_seed).skip(skip)
+
+  spec = {"moments": tf.io.FixedLenFeature([], tf.string),
+          "input_ids": tf.io.FixedLenFeature([max_length], tf.int64)}
+  if context_shape is not None:
+    spec["context"] = tf.io.FixedLenFeature([], tf.string)
+  if with_metadata:
+    spec.update(key=tf.io.FixedLenFeature([], tf.string),
+                caption=tf.io.FixedLenFeature([], tf.string),
+                original_size=tf.io.FixedLenFeature([2], tf.int64),
+                crop_offset=tf.io.FixedLenFeature([2], tf.int64))
+
+  def parse(serialized):
+    f = tf.io.parse_example(serialized, spec)
+    out = dict(f)
+    out["moments"] = tf.reshape(tf.io.decode_raw(f["moments"], _TF_DTYPES[storage_dtype]),
+                                [-1, *moments_shape])
+    out["input_ids"] = tf.cast(f["input_ids"], tf.int32)
+    if context_shape is not None:
+      out["context"] = tf.reshape(tf.io.decode_raw(f["context"], tf.float16), [-1, *context_shape])
+    return out
+
+  ds = plan.flat_map(window).batch(local_batch, drop_remainder=True)
+  return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(prefetch)
+
+
+class ResumableBatches:
+  """Iterates a deterministic tf.data pipeline of host batches; its state is the batch count.
+
+  `make_dataset(start_batch)` must build the pipeline positioned after `start_batch` batches. The
+  pipeline is built lazily, so `set_state` before the first batch costs nothing.
+
+  Args:
+    make_dataset: start batch -> tf.data.Dataset of host batches.
+    postprocess: applied to each numpy batch (e.g. tokenizing captions), or None.
+    identity: JSON values that must match between the saved and the resuming run (seed, global
+      batch, ...): a different one would make the position mean other data.
+    advisory: values whose change still resumes at the same batch count, only not with the very
+      same examples (process count, file list); a mismatch is logged.
+  """
+
+  def __init__(self, make_dataset: Callable[[int], tf.data.Dataset], *,
+               postprocess: Optional[Callable[[dict], dict]] = None,
+               identity: Optional[dict] = None, advisory: Optional[dict] = None):
+    self._make_dataset, self._postprocess = make_dataset, postprocess
+    self.identity, self.advisory = dict(identity or {}), dict(advisory or {})
+    self.batches = 0
+    self._iterator = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    if self._iterator is None:
+      self._iterator = self._make_dataset(self.batches).as_numpy_iterator()
+    try:
+      batch = next(self._iterator)
+    except StopIteration:  # the pipelines repeat forever, so this means nothing is usable
+      raise RuntimeError("The data pipeline yields no examples (every sample skipped?).") from None
+    self.batches += 1
+    return self._postprocess(batch) if self._postprocess else batch
+
+  def get_state(self) -> dict:
+    """The JSON position: batches consumed (the same on every host) plus the run's identity."""
+    return {"batches": int(self.batches), **self.identity, **self.advisory}
+
+  def set_state(self, state: dict) -> None:
+    """Moves to a `get_state` position (of this or an earlier run); the next batch rebuilds the
+    pipeline there. Raises ValueError when the state belongs to other data or another order."""
+    if "batches" not in state:
+      raise ValueError(f"Data state {state} was not saved by this reader (another data.kind?).")
+    for name, value in self.identity.items():
+      if name in state and state[name] != value:
+        raise ValueError(f"Data state {state} was saved with {name}={state[name]!r}, this run has "
+                         f"{value!r}; the saved position would not resume the same data.")
+    for name, value in self.advisory.items():
+      if name in state and state[name] != value:
+        logging.warning("Data state saved with %s=%r, this run has %r: resuming at batch %d, but "
+                        "hosts now read other examples than an uninterrupted run would.", name,
+                        state[name], value, state["batches"])
+    self.batches = int(state["batches"])
+    self._iterator = None
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+  """A short hash of a tokenizer's vocabulary and special ids: stored ids are only meaningful to
+  the same tokenizer."""
+  h = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+  h.update(repr((tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)).encode())
+  return h.hexdigest()[:16]
+
+
+def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
+  from latent_diffusion_jax.models import build
+  size, channels = build.latent_size(config.model), 2 * config.model.vae.latent_channels
+  if list(manifest["moments_shape"]) != [size, size, channels]:
+    raise ValueError(f"Latent shards hold moments {manifest['moments_shape']}, the model expects "
+                     f"{[size, size, channels]} (model.image_size / VAE); encode at this size.")
+  te = config.model.text_encoder
+  if te.kind != "none" and manifest["max_length"] != te.max_length:
+    raise ValueError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
+                     f"model.text_encoder.max_length is {te.max_length}.")
+  if (tokenizer is not None
+      and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer)):
+    raise ValueError("The latent shards' token ids come from another tokenizer than this run's "
+                     "(frozen.tokenizer); re-encode or point frozen.tokenizer at the same one.")
+  if vae_params is not None and config.data.check_vae_fingerprint:
+    from latent_diffusion_jax.data.pre_encode import fingerprint
+    if manifest["vae_fingerprint"] != fingerprint(vae_params):
+      raise ValueError("The latent shards were encoded by another VAE than this run's frozen.vae "
+                       "(fingerprints differ), so samples would decode wrongly. Use the same VAE, "
+                       "or set data.check_vae_fingerprint=False if the difference is intended.")
+  if config.data.use_text_embeddings:
+    if manifest.get("context_shape") is None:
+      raise ValueError("data.use_text_embeddings needs shards encoded with "
+                       "encode.store_text_embeddings=True.")
+    if te.trainable or config.diffusion.caption_dropout > 0:
+      raise ValueError("data.use_text_embeddings needs a frozen text encoder and "
+                       "diffusion.caption_dropout=0 (the train step has no empty-prompt embedding "
+                       "to drop captions to).")
+
+
+def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=None,
+                    process_index: Optional[int] = None,
+                    process_count: Optional[int] = None) -> ResumableBatches:
+  """This host's resumable batches of `config.data.latent_shards` for the diffusion trainer.
+
+  Args:
+    config: the run config (data.*, seed, model shapes for the compatibility checks).
+    global_batch: examples per step over all hosts.
+    tokenizer: the run's tokenizer, checked against the one that produced the stored ids.
+    vae_params: the run's frozen VAE, checked against the encoding one (data.check_vae_fingerprint).
+    process_index, process_count: this host's place; default: JAX's.
+
+  Returns:
+    Batches of {"moments", "input_ids"} (or "context" with data.use_text_embeddings), numpy.
+  """
+  import jax
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise ValueError(f"Global batch {global_batch} is not divisible by {pc} processes.")
+  if not config.data.latent_shards:
+    raise ValueError("data.kind='latent_shards' needs data.latent_shards: the output directory of "
+                     "`python -m latent_diffusion_jax.encode` (or a pattern of its .tfrecord files).")
+  files, counts, manifest = resolve_shards(config.data.latent_shards)
+  _check_compatible(config, manifest, tokenizer, vae_params)
+  if len(files) < pc:
+    raise ValueError(f"{len(files)} latent shards cannot feed {pc} hosts (one file each at least).")
+  host_files, host_counts = files[pi::pc], counts[pi::pc]
+  use_context = bool(config.data.use_text_embeddings)
+  keep_ids = config.model.text_encoder.kind != "none" and not use_context
+
+  def make_dataset(start_batch: int) -> tf.data.Dataset:
+    return latent_dataset(
+        host_files, host_counts, local_batch=global_batch // pc, seed=config.seed,
+        start_batch=start_batch, moments_shape=manifest["moments_shape"],
+        storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
+        context_shape=manifest["context_shape"] if use_context else None, process_index=pi,
+        shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,
+        prefetch=config.data.prefetch)
+
+  def postprocess(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "input_ids" or keep_ids}
+
+  listing = hashlib.sha1(json.dumps([files, counts]).encode()).hexdigest()[:16]
+  return ResumableBatches(make_dataset, postprocess=postprocess,
+                          identity={"kind": "latent_shards", "seed": int(config.seed),
+                                    "global_batch": int(global_batch)},
+                          advisory={"process_count": pc, "files": listing})

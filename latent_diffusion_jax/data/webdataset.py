@@ -1,0 +1,397 @@
+"""WebDataset tar shards in img2dataset's LAION layout, read with tf.data.
+
+A shard holds, per sample, KEY.jpg (or .jpeg/.png/.webp), KEY.txt (the caption) and KEY.json
+(metadata: width, height, similarity, pwatermark, punsafe, original_width, ...). Members of one
+sample are consecutive, as webdataset writes them. Shards are named by a local path, a glob, a
+brace pattern (`shards/{00000..00127}.tar`) or any path tf.io.gfile reads (gs://...).
+
+Every sample leaves the reader as a record with a `status`: "" keeps it, anything else is the
+skip reason. Shard-level failures become one record each, since the samples they held are unknown:
+  unreadable_shard   the shard cannot be opened or is not a tar (key: the shard path).
+  truncated_tar      the archive ends inside a sample; that sample is skipped (key: its key).
+Sample-level reasons (checked in this order; image reasons are in image_decode.py):
+  missing_image      no image member.
+  missing_caption    no .txt member (only when captions are required: a text-conditioned model).
+  empty_caption      a caption that is empty after stripping whitespace (likewise).
+  missing_metadata   an enabled metadata filter needs a field that the json lacks (a missing or
+                     unparsable json counts as unknown metadata: kept unless a filter needs it).
+  watermark / unsafe / low_similarity   the metadata filters.
+Each shard ends with one `SHARD_END` record, so a consumer knows when a shard's samples are done.
+"""
+
+import dataclasses
+import functools
+import json
+import math
+import posixpath
+import re
+import tarfile
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from latent_diffusion_jax.data.image_decode import SkipSample, preprocess_image
+
+SHARD_END = "shard_end"
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+
+
+def expand_braces(pattern: str) -> List[str]:
+  """Expands `{a,b}` lists and `{000..127}` zero-padded ranges, innermost first."""
+  match = _BRACE.search(pattern)
+  if match is None:
+    return [pattern]
+  body = match.group(1)
+  numeric = _RANGE.match(body)
+  if numeric:
+    lo, hi = numeric.groups()
+    width = len(lo) if lo.lstrip("-").startswith("0") or len(lo) == len(hi) else 0
+    step = 1 if int(hi) >= int(lo) else -1
+    options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
+  else:
+    options = body.split(",")
+  out = []
+  for option in options:
+    out.extend(expand_braces(pattern[:match.start()] + option + pattern[match.end():]))
+  return out
+
+
+def expand_patterns(patterns: str | Sequence[str]) -> List[str]:
+  """Shard paths named by comma-free patterns: brace expansion, then tf.io.gfile.glob.
+
+  Args:
+    patterns: one pattern or several. A path without glob characters is kept even if it does not
+      exist (the reader then counts it as an unreadable shard); a glob must match something.
+
+  Returns:
+    The paths in pattern order (each glob's matches sorted), duplicates removed.
+
+  Raises:
+    FileNotFoundError: a glob matched no file.
+  """
+  if isinstance(patterns, str):
+    patterns = [patterns]
+  out: Dict[str, None] = {}
+  for pattern in patterns:
+    for path in expand_braces(pattern):
+      if any(c in path for c in "*?["):
+        matches = sorted(tf.io.gfile.glob(path))
+        if not matches:
+          raise FileNotFoundError(f"Shard pattern {path!r} (from {pattern!r}) matched no file.")
+        out.update(dict.fromkeys(matches))
+      else:
+        out[path] = None
+  return list(out)
+
+
+def split_key(name: str) -> Tuple[str, str]:
+  """webdataset's rule: the key is the member path up to the first dot of its file name."""
+  directory, base = posixpath.split(name)
+  stem, _, ext = base.partition(".")
+  return posixpath.join(directory, stem), ext.lower()
+
+
+class _MarkerAwareTarInfo(tarfile.TarInfo):
+  """Notes when an archive ends without its end-of-archive zero blocks: tarfile silently treats
+  such a cut at a member boundary as a normal end, which would lose samples unnoticed."""
+
+  @classmethod
+  def fromtarfile(cls, tar):
+    try:
+      return super().fromtarfile(tar)
+    except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+      tar.ended_without_marker = True
+      raise
+
+
+def iter_tar_samples(path: str) -> Iterator[Tuple[str, Dict[str, bytes], Optional[str]]]:
+  """Streams (key, {extension: bytes}, error) groups from a tar shard; never raises.
+
+  `error` is None for a complete group, else "unreadable_shard" (key = the shard path) or
+  "truncated_tar" (the group being read when the archive broke off). Reading streams (mode
+  "r|*"), so object stores need no seeks and gzip-compressed tars work too.
+  """
+  key, files, members = None, {}, 0
+  try:
+    with tf.io.gfile.GFile(path, "rb") as f, tarfile.open(
+        fileobj=f, mode="r|*", tarinfo=_MarkerAwareTarInfo) as tar:
+      for member in tar:
+        if not member.isfile():
+          continue
+        member_key, ext = split_key(member.name)
+        data = tar.extractfile(member).read()
+        if len(data) != member.size:
+          raise EOFError(f"member {member.name} has {len(data)} of {member.size} bytes")
+        members += 1
+        if member_key != key and key is not None:
+          yield key, files, None
+          files = {}
+        key = member_key
+        files[ext] = data
+      if getattr(tar, "ended_without_marker", False):
+        raise EOFError("the archive ends without its end-of-archive marker")
+  except Exception as e:  # any I/O, tar or decompression error ends this shard only
+    reason = "truncated_tar" if members else "unreadable_shard"
+    logging.warning("Shard %s: %s after %d members (%s: %s)", path, reason, members,
+                    type(e).__name__, e)
+    yield (key if members else path), files, reason
+    return
+  if key is not None:
+    yield key, files, None
+
+
+def write_tar_shard(path: str, samples) -> None:
+  """Writes (key, {extension: bytes}) samples as a LAION-layout shard (tests, benchmarks, demos)."""
+  import io
+  with tf.io.gfile.GFile(path, "wb") as f, tarfile.open(fileobj=f, mode="w|") as tar:
+    for key, files in samples:
+      for ext, data in files.items():
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+  """Sample filters and the image crop (see config.py's `encode` section for the meaning)."""
+  resolution: int
+  crop: str = "center"
+  seed: int = 0
+  require_caption: bool = True
+  min_image_size: int = 0
+  max_aspect_ratio: float = 0.0
+  max_watermark: float = 1.0
+  max_unsafe: float = 1.0
+  min_similarity: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> "Preprocessing":
+    e = config.encode
+    return cls(resolution=e.resolution or config.model.image_size, crop=e.crop, seed=config.seed,
+               require_caption=config.model.text_encoder.kind != "none",
+               min_image_size=e.min_image_size, max_aspect_ratio=e.max_aspect_ratio,
+               max_watermark=e.max_watermark, max_unsafe=e.max_unsafe,
+               min_similarity=e.min_similarity)
+
+
+def _number(meta: dict, name: str) -> Optional[float]:
+  value = meta.get(name)
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    return None
+  return float(value)
+
+
+def _metadata_status(meta: dict, prep: Preprocessing) -> Tuple[str, str]:
+  checks = (("pwatermark", prep.max_watermark < 1, lambda v: v > prep.max_watermark, "watermark"),
+            ("punsafe", prep.max_unsafe < 1, lambda v: v > prep.max_unsafe, "unsafe"),
+            ("similarity", prep.min_similarity > 0, lambda v: v < prep.min_similarity,
+             "low_similarity"))
+  for field, enabled, fails, reason in checks:
+    if not enabled:
+      continue
+    value = _number(meta, field)
+    if value is None:
+      return "missing_metadata", field
+    if fails(value):
+      return reason, f"{field}={value}"
+  return "", ""
+
+
+def check_sample(key: str, files: Dict[str, bytes],
+                 prep: Preprocessing) -> Tuple[str, str, bytes, str, Tuple[int, int]]:
+  """Applies the checks that need no pixels.
+
+  Returns:
+    (status, detail, image bytes, caption, original (height, width) from the json or (0, 0));
+    status "" keeps the sample.
+  """
+  ext = next((e for e in IMAGE_EXTENSIONS if e in files), None)
+  if ext is None:
+    return "missing_image", f"members {sorted(files)}", b"", "", (0, 0)
+  caption = files["txt"].decode("utf-8", errors="replace").strip() if "txt" in files else None
+  if prep.require_caption and caption is None:
+    return "missing_caption", "", b"", "", (0, 0)
+  if prep.require_caption and not caption:
+    return "empty_caption", "", b"", "", (0, 0)
+  meta = {}
+  if "json" in files:
+    try:
+      meta = json.loads(files["json"].decode("utf-8", errors="replace"))
+      meta = meta if isinstance(meta, dict) else {}
+    except ValueError:
+      logging.info("Sample %s: unparsable json, metadata unknown", key)
+  status, detail = _metadata_status(meta, prep)
+  if status:
+    return status, detail, b"", "", (0, 0)
+  height, width = _number(meta, "original_height"), _number(meta, "original_width")
+  original = (int(height), int(width)) if height and width and height > 0 and width > 0 else (0, 0)
+  return "", "", files[ext], caption or "", original
+
+
+_RECORD_SIGNATURE = {
+    "shard": tf.TensorSpec([], tf.int32), "key": tf.TensorSpec([], tf.string),
+    "status": tf.TensorSpec([], tf.string), "detail": tf.TensorSpec([], tf.string),
+    "image": tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string),
+    "original_size": tf.TensorSpec([2], tf.int32),
+}
+
+
+def _shard_records(path: bytes, index: int, prep: Preprocessing):
+  path = path.decode("utf-8")
+  for key, files, error in iter_tar_samples(path):
+    try:
+      status, detail, image, caption, original = (
+          (error, "", b"", "", (0, 0)) if error else check_sample(key, files, prep))
+    except Exception as e:  # a bug-shaped input must not stop the job
+      status, detail, image, caption, original = "invalid_sample", repr(e), b"", "", (0, 0)
+    yield {"shard": index, "key": key, "status": status, "detail": detail, "image": image,
+           "caption": caption, "original_size": np.asarray(original, np.int32)}
+  yield {"shard": index, "key": path, "status": SHARD_END, "detail": "", "image": b"",
+         "caption": "", "original_size": np.zeros(2, np.int32)}
+
+
+def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: int = 8,
+                 parallel_decode: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+  """Records of `files`, decoded and cropped, in a deterministic order.
+
+  Shards are interleaved (one sample from each of `parallel_shards` open shards in turn); images
+  decode in parallel threads (PIL releases the GIL while decoding and resizing).
+
+  Returns:
+    A dataset of dicts: shard (index into `files`), key, status, detail, caption, pixels
+    (uint8 [R, R, 3]; zeros unless kept), original_size and crop_offset (int32 [2]).
+  """
+  if not files:
+    raise ValueError("No shards to read.")
+  generator = functools.partial(_shard_records, prep=prep)
+  ds = tf.data.Dataset.from_tensor_slices((list(files), np.arange(len(files), dtype=np.int32)))
+  ds = ds.interleave(
+      lambda path, index: tf.data.Dataset.from_generator(
+          generator, args=(path, index), output_signature=_RECORD_SIGNATURE),
+      cycle_length=max(1, min(parallel_shards, len(files))), block_length=1,
+      num_parallel_calls=max(1, min(parallel_shards, len(files))), deterministic=True)
+  return ds.map(functools.partial(_decode_record, prep=prep), num_parallel_calls=parallel_decode,
+                deterministic=True)
+
+
+def _decode_py(status, image, key, original, prep: Preprocessing):
+  r = prep.resolution
+  blank = np.zeros((r, r, 3), np.uint8)
+  if status:
+    return status, b"", blank, original, np.zeros(2, np.int32)
+  try:
+    out = preprocess_image(image, resolution=r, key=key.decode("utf-8", "replace"),
+                           crop=prep.crop, seed=prep.seed, min_size=prep.min_image_size,
+                           max_aspect_ratio=prep.max_aspect_ratio,
+                           original_size=tuple(original) if original.all() else None)
+  except SkipSample as e:
+    return e.reason.encode(), e.detail.encode(), blank, original, np.zeros(2, np.int32)
+  except Exception as e:  # whatever PIL raises past its documented errors
+    return b"corrupt_image", repr(e).encode(), blank, original, np.zeros(2, np.int32)
+  return (b"", b"", out.pixels, np.asarray(out.original_size, np.int32),
+          np.asarray(out.crop_offset, np.int32))
+
+
+def _decode_record(record, prep: Preprocessing):
+  status, detail, pixels, original, crop = tf.numpy_function(
+      functools.partial(_decode_py, prep=prep),
+      [record["status"], record["image"], record["key"], record["original_size"]],
+      [tf.string, tf.string, tf.uint8, tf.int32, tf.int32], stateful=False)
+  out = {k: v for k, v in record.items() if k != "image"}
+  out["detail"] = tf.where(tf.strings.length(detail) > 0, detail, record["detail"])
+  out["status"] = tf.ensure_shape(status, [])
+  out["pixels"] = tf.ensure_shape(pixels, [prep.resolution, prep.resolution, 3])
+  out["original_size"] = tf.ensure_shape(original, [2])
+  out["crop_offset"] = tf.ensure_shape(crop, [2])
+  return out
+
+
+def tokenize_captions(tokenizer, captions: Sequence[str],
+                      max_length: int) -> Tuple[np.ndarray, np.ndarray]:
+  """Token ids of web captions, cutting long ones (web captions often exceed CLIP's 77 tokens).
+
+  Unlike `tokenizers.tokenize`, which refuses long or out-of-vocabulary prompts, this keeps every
+  caption: a long one keeps its first `max_length - 1` tokens plus the end token, as Stable
+  Diffusion's training does.
+
+  Returns:
+    (ids int32 [n, max_length] padded with the pad token, too_long bool [n]).
+  """
+  ids = np.full((len(captions), max_length), tokenizer.pad_token_id, np.int32)
+  too_long = np.zeros(len(captions), bool)
+  if not len(captions):
+    return ids, too_long
+  encoded = tokenizer(list(captions), add_special_tokens=True, padding=False,
+                      truncation=False)["input_ids"]
+  for row, tokens in enumerate(encoded):
+    if len(tokens) > max_length:
+      too_long[row] = True
+      tokens = tokens[:max_length - 1] + [tokens[-1]]
+    ids[row, :len(tokens)] = tokens
+  return ids, too_long
+
+
+def training_dataset(files: Sequence[str], prep: Preprocessing, *, local_batch: int, seed: int,
+                     start_batch: int, shuffle_buffer: int, parallel_shards: int = 8
+                     ) -> tf.data.Dataset:
+  """Endless batches of kept {"pixels", "caption"} for training on raw shards (small runs).
+
+  Deterministic for `seed`; starting at batch `start_batch` replays the kept samples before it
+  (decoding them again), so resuming costs as much as reading that many samples.
+  """
+  ds = read_samples(files, prep, parallel_shards=parallel_shards)
+  ds = ds.filter(lambda r: tf.strings.length(r["status"]) == 0)
+  ds = ds.map(lambda r: {"pixels": r["pixels"], "caption": r["caption"]})
+  ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  ds = ds.skip(start_batch * local_batch)
+  return ds.batch(local_batch, drop_remainder=True)
+
+
+def training_reader(config, global_batch: int, *, tokenizer=None,
+                    process_index: Optional[int] = None, process_count: Optional[int] = None):
+  """This host's resumable batches of `config.data.webdataset` for the trainers.
+
+  Images are decoded and cropped to model.image_size with the encode.* filters (a random crop is
+  fixed per key, not redrawn each epoch); captions are tokenized when a tokenizer is given
+  (stage 2) and required only then.
+
+  Returns:
+    A `latent_shards.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}.
+  """
+  import jax
+  from latent_diffusion_jax.data.latent_shards import ResumableBatches
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if global_batch % pc:
+    raise ValueError(f"Global batch {global_batch} is not divisible by {pc} processes.")
+  if not config.data.webdataset:
+    raise ValueError("data.kind='webdataset' needs data.webdataset: tar shards as a path, glob or "
+                     "brace pattern.")
+  files = expand_patterns(config.data.webdataset)
+  if len(files) < pc:
+    raise ValueError(f"{len(files)} tar shards cannot feed {pc} hosts (one file each at least).")
+  prep = dataclasses.replace(Preprocessing.from_config(config), resolution=config.model.image_size,
+                             require_caption=tokenizer is not None)
+  max_length = config.model.text_encoder.max_length
+
+  def make_dataset(start_batch: int) -> tf.data.Dataset:
+    return training_dataset(files[pi::pc], prep, local_batch=global_batch // pc, seed=config.seed,
+                            start_batch=start_batch, shuffle_buffer=config.data.shuffle_buffer,
+                            parallel_shards=config.encode.parallel_shards
+                            ).prefetch(config.data.prefetch)
+
+  def postprocess(batch: dict) -> dict:
+    out = {"images": batch["pixels"]}
+    if tokenizer is not None:
+      captions = [c.decode("utf-8") for c in batch["caption"]]
+      out["input_ids"] = tokenize_captions(tokenizer, captions, max_length)[0]
+    return out
+
+  return ResumableBatches(make_dataset, postprocess=postprocess,
+                          identity={"kind": "webdataset", "seed": int(config.seed),
+                                    "global_batch": int(global_batch)},
+                          advisory={"process_count": pc, "files": len(files)})

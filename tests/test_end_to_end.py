@@ -1,0 +1,115 @@
+"""train.py and sample.py as a user runs them: both stages of the embedded default for 2 steps,
+resume, sampling from the checkpoint, and clear errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _run(args, cwd=ROOT, expect_ok=True):
+  env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
+      "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2"))
+  proc = subprocess.run([sys.executable] + args, cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=600)
+  if expect_ok and proc.returncode != 0:
+    raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+  return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  base = tmp_path_factory.mktemp("e2e")
+  data = str(base / "tfds")
+  ae, ldm = str(base / "ae"), str(base / "ldm")
+  _run(["train.py", "--config", "configs/shapes_autoencoder.py:tiny", "--workdir", ae,
+        f"--config.data.data_dir={data}"])
+  _run(["train.py", "--config", "configs/shapes_ldm.py:tiny", "--workdir", ldm,
+        f"--config.data.data_dir={data}", f"--config.frozen.vae={ae}"])
+  return base, ae, ldm, data
+
+
+def test_two_stages_write_checkpoints_and_stage1_summary(trained):
+  _, ae, ldm, _ = trained
+  assert sorted(os.listdir(os.path.join(ae, "checkpoints"))) == ["1", "2"]
+  summary = json.load(open(os.path.join(ae, "stage1.json")))
+  assert summary["step"] == 2 and summary["latent_scale_factor"] > 0
+  assert "2" in os.listdir(os.path.join(ldm, "checkpoints"))
+  assert os.path.isfile(os.path.join(ldm, "frozen", "vae.safetensors"))
+  assert os.path.isdir(os.path.join(ldm, "tokenizer"))
+  # The fixed-seed sample grid written during training (training.sample_every=2 in :tiny).
+  grid_dir = os.path.join(ldm, "samples", "step_0000002")
+  assert os.path.isfile(os.path.join(grid_dir, "grid.png"))
+  assert len(json.load(open(os.path.join(grid_dir, "settings.json")))["files"]) == 4
+
+
+def test_resume_continues_from_the_last_step(trained):
+  _, _, ldm, data = trained
+  proc = _run(["train.py", "--config", "configs/shapes_ldm.py:tiny", "--workdir", ldm,
+               f"--config.data.data_dir={data}", "--config.training.num_steps=3"])
+  assert "Resuming" in proc.stderr
+  assert "3" in os.listdir(os.path.join(ldm, "checkpoints"))
+
+
+def test_sample_py_on_the_checkpoint(trained):
+  base, _, ldm, _ = trained
+  out = str(base / "samples")
+  _run(["sample.py", "--checkpoint", ldm, "--prompt", "a red circle in the top left",
+        "--prompt", "a blue square in the bottom right", "--steps", "3", "--out", out])
+  settings = json.load(open(os.path.join(out, "settings.json")))
+  assert settings["prompts"] == ["a red circle in the top left", "a blue square in the bottom right"]
+  assert os.path.isfile(os.path.join(out, "grid.png")) and len(settings["files"]) == 2
+
+
+def test_prompt_longer_than_context_is_refused(trained):
+  base, _, ldm, _ = trained
+  proc = _run(["sample.py", "--checkpoint", ldm, "--prompt", " ".join(["red"] * 20), "--steps", "2",
+               "--out", str(base / "bad")], expect_ok=False)
+  assert proc.returncode != 0 and "12" in proc.stderr and "token" in proc.stderr.lower()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.training.no_such_key=1", "no_such_key"),
+    ("--config.training.batch_size=3", "not divisible"),
+    ("--config.mesh.shape=(3,1,1)", "device count"),
+    ("--config.frozen.vae=/does/not/exist", "/does/not/exist"),
+    ("--config.frozen.tokenizer=/no/tokenizer", "/no/tokenizer"),
+])
+def test_bad_config_stops_with_a_message(tmp_path, override, message):
+  proc = _run(["train.py", "--config", "configs/shapes_ldm.py:tiny", "--workdir", str(tmp_path / "w"),
+               f"--config.data.data_dir={tmp_path / 'tfds'}", override], expect_ok=False)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr[-3000:]
+
+
+def test_sample_py_names_a_missing_checkpoint(tmp_path):
+  proc = _run(["sample.py", "--checkpoint", str(tmp_path / "nothing"), "--prompt", "a red circle",
+               "--out", str(tmp_path / "o")], expect_ok=False)
+  assert proc.returncode != 0 and str(tmp_path / "nothing") in proc.stderr
+
+
+def test_export_trained_checkpoints(trained, tmp_path):
+  """`export --checkpoint`: a CLIP-conditioned run to diffusers (loaded by diffusers), and the
+  embedded LDM (whose text transformer diffusers cannot express) to our native format."""
+  base, _, ldm, data = trained
+  sd = str(tmp_path / "sd15_tiny")
+  _run(["train.py", "--config", "configs/sd15.py:tiny", "--workdir", sd, f"--config.data.data_dir={data}"])
+  out = str(tmp_path / "diffusers")
+  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", sd, "--format", "diffusers", "--out", out])
+  code = ("import sys, diffusers; p = diffusers.StableDiffusionPipeline.from_pretrained(sys.argv[1], "
+          "local_files_only=True); print(type(p.unet).__name__, p.vae.config.scaling_factor)")
+  proc = _run(["-c", code, out])
+  assert proc.stdout.split()[0] == "UNet2DConditionModel"
+  assert float(proc.stdout.split()[1]) == pytest.approx(0.18215)
+
+  native = str(tmp_path / "native")
+  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", ldm, "--format", "native", "--out", native])
+  proc = _run(["-c", "import sys; from latent_diffusion_jax.interop.native import load_native; "
+               "b = load_native(sys.argv[1]); print(type(b.text_encoder).__name__, b.scaling_factor)",
+               native])
+  assert proc.stdout.split()[0] == "LDMTextTransformer"
