@@ -1,17 +1,19 @@
 """Chaos test of train.py: SIGKILLs at random moments (also mid async checkpoint write) lose nothing.
 
-  python bench/chaos.py --kills 10 --out /tmp/chaos
+  python bench/chaos.py --kills 10 --sigterm --steps 16 --seed 1        # tiny model, ~7 min on 2 cores
+  python bench/chaos.py --kills 20 --steps 16 --model minimal --seed 2  # ~3 min
 
-Runs the stage-2 tiny config once uninterrupted (the reference), then again in another workdir
-where each of `--kills` runs is killed with SIGKILL -- during start-up, between steps, or right
-after an async checkpoint write began -- and restarted. Checked after every kill: the restart
-resumes from the newest committed step (never a partly written one) and never fails to load. At
-the end the whole train state (params, optimizer state, EMA, RNG, counters), the data position and
-the latent scale factor must equal the reference's bit for bit. `--sigterm` first sends one SIGTERM
-(preemption), which must save the last completed step and exit 0.
+Runs the stage-2 :tiny config once uninterrupted (the reference), then again in another workdir
+where each of `--kills` runs is killed with SIGKILL -- right after a random start-up phase, shortly
+after one of its first steps, or right after one of its first async checkpoint writes began -- and
+restarted. Checked after every kill: the restart resumes from the newest committed step (never a
+partly written one) and never fails to load. At the end the whole train state (params, optimizer
+state, EMA, RNG, counters), the data position and the latent scale factor must equal the
+reference's bit for bit. `--sigterm` first sends one SIGTERM (preemption), which must save the
+last completed step and exit 0.
 
-Prints a JSON report; exits 1 on any loss. tests/test_reliability.py runs it with 2 kills.
-"""
+Prints a JSON report; exits 1 on any loss. tests/test_reliability.py runs it with 2 kills, and
+tests/test_multihost.py uses its train.py runners."""
 
 import argparse
 import glob

@@ -50,9 +50,9 @@ def get_config(arg=None):
   c.optimizer.ema_decay = 0.999
 
   c.training.batch_size = 64
-  c.training.num_steps = 800
+  c.training.num_steps = 1000
   c.training.log_every = 50
-  c.training.checkpoint_every = 400
+  c.training.checkpoint_every = 500
   c.training.sample_every = 0
   c.data.num_train = 20000
   c.data.num_test = 512

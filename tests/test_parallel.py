@@ -203,9 +203,10 @@ def test_sharded_step_matches_unsharded(sharded_train_state, mesh_f4_t2):
     new_state, loss = sharded(state, batch)
   host_state = jax.device_get(state)
   ref_state, ref_loss = jax.jit(step)(host_state, (images, labels))
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6, atol=1e-6)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6,
-                                                       atol=1e-6),
+  # Sharded reductions sum in another order than one device: float32 rounding, ~1e-6 here.
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                                       atol=1e-5),
                new_state.params, ref_state.params)
   assert _full_spec(new_state.params["fc1"]["kernel"].sharding, 2) == ("fsdp", "tensor")
 
