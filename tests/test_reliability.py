@@ -238,9 +238,9 @@ def _captured(fn):
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory):
-  """The train.py scenarios, in two concurrent streams: a train.py process keeps about one core
-  busy, so two streams use both cores of a CI machine. Stream A: SIGKILLs. Stream B: the shared
-  reference run (unless tests/test_multihost.py made it), SIGTERM, damaged-checkpoint fallback."""
+  """The train.py scenarios, run side by side: a train.py process keeps about one core busy, so
+  concurrent lanes use both cores of a CI machine. Lanes: SIGKILLs; SIGTERM; the shared reference
+  run (unless tests/test_multihost.py made it) followed by the damaged-checkpoint fallback."""
   base = str(tmp_path_factory.getbasetemp() / "reliability")
   data_dir = chaos.prepare_data(os.path.join(base, "tfds"))
   env = chaos.subprocess_env(8)
@@ -250,16 +250,17 @@ def scenarios(tmp_path_factory):
     return chaos.chaos(os.path.join(base, "chaos"), args, env, kills=2, seed=1, max_nth=1,
                        plan=["startup:Latent scale factor", "save"])
 
-  def sigterm_and_fallback():
-    ref = chaos.reference_run(base, STEPS)
-    sigterm = chaos.chaos(os.path.join(base, "sigterm"), args, env, kills=0, seed=0,
-                          plan=["sigterm"])
-    return ref, sigterm, _fallback_run(base, ref, data_dir, env)
+  def sigterm():
+    return chaos.chaos(os.path.join(base, "sigterm"), args, env, kills=0, seed=0, plan=["sigterm"])
 
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    a = pool.submit(_captured, kills)
-    b = pool.submit(_captured, sigterm_and_fallback)
-    return {"kills": a.result(), "b": b.result()}
+  def reference_and_fallback():
+    ref = chaos.reference_run(base, STEPS)
+    return ref, _fallback_run(base, ref, data_dir, env)
+
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    lanes = {name: pool.submit(_captured, fn) for name, fn in
+             (("kills", kills), ("sigterm", sigterm), ("reference", reference_and_fallback))}
+    return {name: future.result() for name, future in lanes.items()}
 
 
 def _result(scenarios, name):
@@ -283,10 +284,11 @@ def _fallback_run(base, ref, data_dir, env):
 @pytest.mark.slow
 def test_sigkills_lose_nothing_bit_exact(scenarios):
   """bench/chaos.py with 2 SIGKILLs: after the latent scale was estimated but before any checkpoint
-  (the restart must estimate the same value), and right after an async save began. chaos.chaos
-  itself asserts every restart resumed from the newest committed step."""
+  (while the frozen weights are written; the restart estimates the scale again and must match the
+  reference's), and right after an async save began. chaos.chaos itself asserts every restart
+  resumed from the newest committed step."""
   events = _result(scenarios, "kills")
-  ref = _result(scenarios, "b")[0]
+  ref = _result(scenarios, "reference")[0]
   assert [e["kind"] for e in events] == ["startup", "save", "finish"]
   assert not any(e.get("missed") for e in events), events
   assert events[0]["returncode"] == events[1]["returncode"] == -9
@@ -298,8 +300,8 @@ def test_sigkills_lose_nothing_bit_exact(scenarios):
 
 @pytest.mark.slow
 def test_sigterm_saves_the_last_step_exits_0_and_resumes_there(scenarios):
-  ref, events, _ = _result(scenarios, "b")
-  sigterm, finish = events
+  ref = _result(scenarios, "reference")[0]
+  sigterm, finish = _result(scenarios, "sigterm")
   # chaos.chaos asserted "(preempted)" and that the newest committed step is the last one done.
   assert sigterm["kind"] == "sigterm" and sigterm["returncode"] == 0 and not sigterm.get("missed")
   assert finish["resumed_from"] == sigterm["last_step_done"] and finish["returncode"] == 0
@@ -313,7 +315,7 @@ def test_damaged_latest_checkpoint_falls_back_end_to_end(scenarios):
   """train.py with training.restore_fallback=True on a run whose latest step is truncated: it warns,
   resumes from the step before, and ends bit-exact with the uninterrupted run. (Without the option
   the same CheckpointRestoreError stops train.py with its message; see the in-process test.)"""
-  ref, _, (workdir, text) = _result(scenarios, "b")
+  ref, (workdir, text) = _result(scenarios, "reference")
   step_dir = os.path.join(workdir, "checkpoints", str(STEPS))
   previous = chaos.committed_steps(ref)[-2]
   assert f"checkpoint step {STEPS} in {step_dir} could not be restored" in text
