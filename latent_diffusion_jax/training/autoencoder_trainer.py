@@ -223,10 +223,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
     hooks = [ReconstructionHook(config, writer, vae, held_out[:64])] \
         if config.training.sample_every > 0 else []
     result = loop.run(
-        cfg=loop.LoopConfig(num_steps=config.training.num_steps, log_every=config.training.log_every,
-                            checkpoint_every=config.training.checkpoint_every,
-                            global_batch=global_batch,
-                            nonfinite_policy=config.training.nonfinite_policy),
+        cfg=loop.LoopConfig.from_config(config, global_batch),
         state=state, step_fn=step_fn, step_args=step_args, batches=all_batches(),
         checkpointer=checkpointer, data_state=data_iter.get_state, meta=lambda: meta_value,
         writer=writer, hooks=hooks)

@@ -214,10 +214,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
       hooks.append(SampleGridHook(config, workdir, writer, scale, vae, vae_params, text_encoder,
                                   text_params, unet, mesh))
     result = loop.run(
-        cfg=loop.LoopConfig(num_steps=config.training.num_steps, log_every=config.training.log_every,
-                            checkpoint_every=config.training.checkpoint_every,
-                            global_batch=global_batch,
-                            nonfinite_policy=config.training.nonfinite_policy),
+        cfg=loop.LoopConfig.from_config(config, global_batch),
         state=state, step_fn=step_fn, step_args=step_args, batches=all_batches(),
         checkpointer=checkpointer, data_state=data_iter.get_state, meta=lambda: meta_value,
         writer=writer, hooks=hooks)

@@ -27,6 +27,13 @@ class LoopConfig:
   global_batch: int
   nonfinite_policy: str = "halt"
 
+  @classmethod
+  def from_config(cls, config, global_batch: int) -> "LoopConfig":
+    """The loop settings of `config.training` for a run with this global batch."""
+    t = config.training
+    return cls(num_steps=t.num_steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+               global_batch=global_batch, nonfinite_policy=t.nonfinite_policy)
+
 
 class _MetricsAccumulator:
   """Averages scalar metrics and sums per-timestep-bucket losses between log lines."""
