@@ -11,7 +11,7 @@ be downloaded in this setting; with a converted file add
 Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
 """
 
-from latent_diffusion_jax.config import base_config, parse_arg
+from latent_diffusion_jax.config import base_config, first_stage_smoke_run, parse_arg
 
 
 def get_config(arg=None):
@@ -55,12 +55,6 @@ def get_config(arg=None):
   c.data.num_train = 20000
   c.data.num_test = 512
   if args.tiny:
-    c.training.batch_size = 8
-    c.training.num_steps = 2
-    c.training.log_every = 1
-    c.training.checkpoint_every = 1
+    first_stage_smoke_run(c)
     c.optimizer.warmup_steps = 1
-    c.autoencoder.disc_start = 1
-    c.data.num_train = 64
-    c.data.num_test = 16
   return c

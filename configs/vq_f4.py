@@ -11,7 +11,8 @@ EMA codebook updates. Stage 2 trains on the pre-quantization latents; decoding q
 Arguments: `tiny` (same structure, tiny widths and codebook, no LPIPS: a 2-step smoke run).
 """
 
-from latent_diffusion_jax.config import base_config, parse_arg
+from latent_diffusion_jax.config import (base_config, first_stage_smoke_run,
+                                         ldm_first_stage_training, parse_arg)
 
 
 def get_config(arg=None):
@@ -41,34 +42,14 @@ def get_config(arg=None):
   a.disc_channels = 64
   a.disc_num_layers = 3
 
-  c.training.batch_size = 96
-  c.training.num_steps = 300_000
-  c.training.log_every = 100
-  c.training.checkpoint_every = 5000
-  c.training.sample_every = 5000
-  o = c.optimizer
-  o.learning_rate = 4.5e-6 * c.training.batch_size
-  o.warmup_steps = 0
-  o.schedule = "constant"
-  o.b1, o.b2 = 0.5, 0.9
-  o.weight_decay = 0.0
-  o.grad_clip_norm = 0.0
-  o.ema_decay = 0.0
+  ldm_first_stage_training(c)
   if args.tiny:
     m.image_size = 32
     m.vae.block_out_channels = (16, 32, 32)
     m.vae.layers_per_block = 1
     m.vae.norm_num_groups = 8
     a.num_vq_embeddings = 64
-    a.perceptual_weight = 0.0
-    a.disc_start = 1
     a.disc_channels = 8
     a.disc_num_layers = 2
-    c.training.batch_size = 8
-    c.training.num_steps = 2
-    c.training.log_every = 1
-    c.training.checkpoint_every = 1
-    c.training.sample_every = 0
-    c.data.num_train = 64
-    c.data.num_test = 16
+    first_stage_smoke_run(c)
   return c

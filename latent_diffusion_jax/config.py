@@ -166,7 +166,8 @@ def base_config() -> mc.ConfigDict:
   c.training.async_checkpointing = True
   # Fixed-seed sample grid written to the logs every N steps; 0 disables it.
   c.training.sample_every = 5000
-  # Where training starts when the workdir has no checkpoint: "" (scratch) or another workdir.
+  # Where training starts when the workdir has no checkpoint: "" (scratch), another workdir, or
+  # foreign weights to fine-tune (diffusers directory, single file, native export; docs/PYTORCH.md).
   c.training.init_checkpoint = ""
   # What a non-finite loss or gradient does: "halt" (stop, keeping the last good checkpoint) or
   # "skip" (drop the update and count it).
@@ -272,6 +273,39 @@ def base_config() -> mc.ConfigDict:
   # Prompts of the fixed-seed sample grid logged during training.
   c.sampling.prompts = ("a photograph of an astronaut riding a horse",)
   return c
+
+
+def ldm_first_stage_training(c: mc.ConfigDict) -> None:
+  """The LDM paper's first-stage optimization (its autoencoder configs): Adam(0.5, 0.9) at the base
+  rate 4.5e-6 times the global batch of 96, constant, no weight decay, clipping or EMA, 300k steps."""
+  c.training.batch_size = 96
+  c.training.num_steps = 300_000
+  c.training.log_every = 100
+  c.training.checkpoint_every = 5000
+  c.training.sample_every = 5000
+  o = c.optimizer
+  o.learning_rate = 4.5e-6 * c.training.batch_size
+  o.warmup_steps = 0
+  o.schedule = "constant"
+  o.b1, o.b2 = 0.5, 0.9
+  o.weight_decay = 0.0
+  o.grad_clip_norm = 0.0
+  o.ema_decay = 0.0
+
+
+def first_stage_smoke_run(c: mc.ConfigDict) -> None:
+  """Turns a first-stage config into a 2-step run on 64 embedded images (tests): batch 8, a
+  checkpoint every step, the adversarial loss from step 1, no LPIPS."""
+  a = c.autoencoder
+  a.perceptual_weight = 0.0
+  a.disc_start = 1
+  c.training.batch_size = 8
+  c.training.num_steps = 2
+  c.training.log_every = 1
+  c.training.checkpoint_every = 1
+  c.training.sample_every = 0
+  c.data.num_train = 64
+  c.data.num_test = 16
 
 
 def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:

@@ -93,14 +93,22 @@ def test_sample_py_names_a_missing_checkpoint(tmp_path):
   assert proc.returncode != 0 and str(tmp_path / "nothing") in proc.stderr
 
 
-def test_export_trained_checkpoints(trained, tmp_path):
+@pytest.fixture(scope="module")
+def sd15_diffusers(trained, tmp_path_factory):
+  """A CLIP-conditioned sd15:tiny run for 2 steps, exported with `export --format diffusers`."""
+  _, _, _, data = trained
+  base = tmp_path_factory.mktemp("sd15")
+  sd, out = str(base / "sd15_tiny"), str(base / "diffusers")
+  _run(["train.py", "--config", "configs/sd15.py:tiny", "--workdir", sd, f"--config.data.data_dir={data}"])
+  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", sd, "--format", "diffusers", "--out", out])
+  return sd, out
+
+
+def test_export_trained_checkpoints(trained, sd15_diffusers, tmp_path):
   """`export --checkpoint`: a CLIP-conditioned run to diffusers (loaded by diffusers), and the
   embedded LDM (whose text transformer diffusers cannot express) to our native format."""
-  base, _, ldm, data = trained
-  sd = str(tmp_path / "sd15_tiny")
-  _run(["train.py", "--config", "configs/sd15.py:tiny", "--workdir", sd, f"--config.data.data_dir={data}"])
-  out = str(tmp_path / "diffusers")
-  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", sd, "--format", "diffusers", "--out", out])
+  _, _, ldm, _ = trained
+  _, out = sd15_diffusers
   code = ("import sys, diffusers; p = diffusers.StableDiffusionPipeline.from_pretrained(sys.argv[1], "
           "local_files_only=True); print(type(p.unet).__name__, p.vae.config.scaling_factor)")
   proc = _run(["-c", code, out])
@@ -113,3 +121,29 @@ def test_export_trained_checkpoints(trained, tmp_path):
                "b = load_native(sys.argv[1]); print(type(b.text_encoder).__name__, b.scaling_factor)",
                native])
   assert proc.stdout.split()[0] == "LDMTextTransformer"
+
+
+def test_fine_tune_from_a_diffusers_export(trained, sd15_diffusers, tmp_path):
+  """train.py with training.init_checkpoint = a diffusers pipeline: the UNet starts from its
+  weights and vae/, text_encoder/, tokenizer/ fill the empty frozen.* keys. With learning rate 0
+  the checkpoint after one step holds exactly the imported weights."""
+  _, _, _, data = trained
+  _, pipeline = sd15_diffusers
+  work = str(tmp_path / "ft")
+  proc = _run(["train.py", "--config", "configs/sd15.py:tiny", "--workdir", work,
+               f"--config.data.data_dir={data}", f"--config.training.init_checkpoint={pipeline}",
+               "--config.training.num_steps=1", "--config.optimizer.learning_rate=0"])
+  assert "Imported ['unet']" in proc.stderr
+  code = """
+import sys, numpy as np, jax
+from latent_diffusion_jax.interop.diffusers import load_pipeline
+from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
+ours, theirs = load_bundle_from_workdir(sys.argv[1], use_ema=False), load_pipeline(sys.argv[2])
+for name in ("unet_params", "vae_params", "text_encoder_params"):
+  a, b = jax.tree.leaves(getattr(ours, name)), jax.tree.leaves(getattr(theirs, name))
+  assert len(a) == len(b) > 0, name
+  print(name, all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)))
+"""
+  proc = _run(["-c", code, work, pipeline])
+  assert proc.stdout.split() == ["unet_params", "True", "vae_params", "True",
+                                 "text_encoder_params", "True"], proc.stdout

@@ -15,6 +15,7 @@ from latent_diffusion_jax.interop.convert import WeightImportError, flax_to_torc
 from latent_diffusion_jax.interop.diffusers import load_unet, load_vae  # noqa: E402
 from latent_diffusion_jax.interop.files import PickleRefusedError, load_state_dict  # noqa: E402
 from latent_diffusion_jax.models.autoencoder import DiagonalGaussian  # noqa: E402
+from torch_reference import randomize  # noqa: E402
 
 ATOL = 1e-4
 
@@ -32,19 +33,10 @@ SD2_UNET = dict(
     upcast_attention=True, transformer_layers_per_block=2, norm_num_groups=16, num_class_embeds=5)
 
 
-def _randomize(module, seed):
-  """diffusers zero-initializes some output layers; random values exercise every weight."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for p in module.parameters():
-      p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-  return module.eval()
-
-
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
 def unet_pair(request, tmp_path_factory):
   cfg = SD1_UNET if request.param == "sd1" else SD2_UNET
-  torch_unet = _randomize(diffusers.UNet2DConditionModel(**cfg), seed=0)
+  torch_unet = randomize(diffusers.UNet2DConditionModel(**cfg), seed=0)
   path = tmp_path_factory.mktemp(f"unet_{request.param}")
   torch_unet.save_pretrained(path, safe_serialization=True)
   unet, params, _ = load_unet(str(path))
@@ -83,7 +75,7 @@ def test_unet_params_round_trip_to_torch_keys(unet_pair):
 @pytest.fixture(scope="module", params=[(32, 64), (16, 32, 32)], ids=["f2", "f4"])
 def vae_pair(request, tmp_path_factory):
   chans = request.param
-  torch_vae = _randomize(diffusers.AutoencoderKL(
+  torch_vae = randomize(diffusers.AutoencoderKL(
       in_channels=3, out_channels=3, block_out_channels=chans, layers_per_block=1,
       down_block_types=("DownEncoderBlock2D",) * len(chans),
       up_block_types=("UpDecoderBlock2D",) * len(chans), latent_channels=4, norm_num_groups=8,

@@ -11,6 +11,7 @@ from latent_diffusion_jax.models import vq as vq_lib
 from latent_diffusion_jax.models.vq import VectorQuantizer, VQModel
 from latent_diffusion_jax.training import autoencoder_step as S
 from tiny_bundles import _init
+from torch_reference import randomize
 
 ATOL = 1e-4
 
@@ -115,17 +116,13 @@ def test_vq_step_sets_ema_codebook_and_trains():
 
 @pytest.fixture(scope="module")
 def vq_pair(tmp_path_factory):
-  torch = pytest.importorskip("torch")
+  pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   torch_vq = diffusers.VQModel(
       in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
       up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
       latent_channels=3, num_vq_embeddings=16, norm_num_groups=8, sample_size=16)
-  g = torch.Generator().manual_seed(5)
-  with torch.no_grad():
-    for p in torch_vq.parameters():
-      p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-  torch_vq.eval()
+  randomize(torch_vq, seed=5)
   path = tmp_path_factory.mktemp("vq")
   torch_vq.save_pretrained(path, safe_serialization=True)
   from latent_diffusion_jax.interop.diffusers_vq import load_vq_model

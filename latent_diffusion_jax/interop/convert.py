@@ -148,7 +148,9 @@ def flax_to_torch(params: Any, *, rename: Callable[[str], str] | None = None) ->
 
 def _unbox(tree: Any) -> Any:
   """Strips flax `Partitioned` boxes and FrozenDicts so trees flatten to plain leaves."""
-  import flax.linen as nn  # local: keeps this module light for tools that only rename keys
+  # local: keeps this module light for tools that only rename keys. parallel.unbox, not flax's,
+  # which adds sharding constraints when called under logical axis rules (inside a trainer).
   from flax.core import unfreeze
-  tree = nn.meta.unbox(tree)
+  from latent_diffusion_jax.parallel import unbox
+  tree = unbox(tree)
   return unfreeze(tree) if hasattr(tree, "unfreeze") else tree

@@ -91,38 +91,55 @@ def unet_to_diffusers_config(unet: UNet2DConditionModel, sample_size: int) -> Di
   }
 
 
-def vae_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> AutoencoderKL:
-  """Builds our AutoencoderKL from a diffusers `AutoencoderKL` config dict."""
+def check_autoencoder_blocks(cfg: Dict[str, Any], what: str) -> None:
+  """Refuses activations and block types our encoder/decoder (AutoencoderKL, VQModel) lacks."""
   if cfg.get("act_fn", "silu") != "silu":
-    raise ValueError(f"Unsupported VAE act_fn {cfg['act_fn']!r}; only 'silu'.")
+    raise ValueError(f"Unsupported {what} act_fn {cfg['act_fn']!r}; only 'silu'.")
   bad = [t for t in cfg.get("down_block_types", []) if t != "DownEncoderBlock2D"]
   bad += [t for t in cfg.get("up_block_types", []) if t != "UpDecoderBlock2D"]
   if bad:
-    raise ValueError(f"Unsupported VAE block types {sorted(set(bad))}.")
-  if cfg.get("use_post_quant_conv", True) != cfg.get("use_quant_conv", True):
-    raise ValueError("use_quant_conv and use_post_quant_conv must agree.")
-  kwargs = dict(
+    raise ValueError(f"Unsupported {what} block types {sorted(set(bad))}.")
+
+
+def autoencoder_fields(cfg: Dict[str, Any], latent_channels: int) -> Dict[str, Any]:
+  """Module fields shared by AutoencoderKL and VQModel, read from a diffusers config."""
+  return dict(
       in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
       block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
-      layers_per_block=cfg.get("layers_per_block", 1), latent_channels=cfg.get("latent_channels", 4),
+      layers_per_block=cfg.get("layers_per_block", 1),
+      latent_channels=cfg.get("latent_channels", latent_channels),
       norm_num_groups=cfg.get("norm_num_groups", 32),
-      use_quant_conv=cfg.get("use_quant_conv", True),
       mid_block_attention=cfg.get("mid_block_add_attention", True))
+
+
+def autoencoder_config(module: Any, class_name: str, sample_size: int,
+                       scaling_factor: float) -> Dict[str, Any]:
+  """The diffusers config keys shared by AutoencoderKL and VQModel, describing `module`."""
+  levels = len(module.block_out_channels)
+  return {
+      "_class_name": class_name, "sample_size": sample_size,
+      "in_channels": module.in_channels, "out_channels": module.out_channels,
+      "down_block_types": ["DownEncoderBlock2D"] * levels,
+      "up_block_types": ["UpDecoderBlock2D"] * levels,
+      "block_out_channels": list(module.block_out_channels),
+      "layers_per_block": module.layers_per_block, "act_fn": "silu",
+      "latent_channels": module.latent_channels, "norm_num_groups": module.norm_num_groups,
+      "scaling_factor": float(scaling_factor), "mid_block_add_attention": module.mid_block_attention,
+  }
+
+
+def vae_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> AutoencoderKL:
+  """Builds our AutoencoderKL from a diffusers `AutoencoderKL` config dict."""
+  check_autoencoder_blocks(cfg, "VAE")
+  if cfg.get("use_post_quant_conv", True) != cfg.get("use_quant_conv", True):
+    raise ValueError("use_quant_conv and use_post_quant_conv must agree.")
+  kwargs = dict(autoencoder_fields(cfg, latent_channels=4),
+                use_quant_conv=cfg.get("use_quant_conv", True))
   kwargs.update(overrides)
   return AutoencoderKL(**kwargs)
 
 
 def vae_to_diffusers_config(vae: AutoencoderKL, sample_size: int, scaling_factor: float) -> Dict[str, Any]:
   """The diffusers config dict that describes `vae`."""
-  levels = len(vae.block_out_channels)
-  return {
-      "_class_name": "AutoencoderKL", "sample_size": sample_size,
-      "in_channels": vae.in_channels, "out_channels": vae.out_channels,
-      "down_block_types": ["DownEncoderBlock2D"] * levels,
-      "up_block_types": ["UpDecoderBlock2D"] * levels,
-      "block_out_channels": list(vae.block_out_channels), "layers_per_block": vae.layers_per_block,
-      "act_fn": "silu", "latent_channels": vae.latent_channels,
-      "norm_num_groups": vae.norm_num_groups, "scaling_factor": float(scaling_factor),
-      "use_quant_conv": vae.use_quant_conv, "use_post_quant_conv": vae.use_quant_conv,
-      "mid_block_add_attention": vae.mid_block_attention,
-  }
+  return {**autoencoder_config(vae, "AutoencoderKL", sample_size, scaling_factor),
+          "use_quant_conv": vae.use_quant_conv, "use_post_quant_conv": vae.use_quant_conv}

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from latent_diffusion_jax.interop.convert import flax_to_torch, torch_to_flax
+from latent_diffusion_jax.interop.diffusers_config import (autoencoder_config, autoencoder_fields,
+                                                           check_autoencoder_blocks)
 from latent_diffusion_jax.interop.export_diffusers import cast_state_dict, numpy_dtype, save_safetensors
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.vq import VQModel
@@ -25,43 +27,23 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 def vq_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> VQModel:
   """Builds our VQModel from a diffusers `VQModel` config dict (overrides: dtype, attention_impl)."""
-  if cfg.get("act_fn", "silu") != "silu":
-    raise ValueError(f"Unsupported VQModel act_fn {cfg['act_fn']!r}; only 'silu'.")
+  check_autoencoder_blocks(cfg, "VQModel")
   if cfg.get("norm_type", "group") != "group":
     raise ValueError(f"Unsupported VQModel norm_type {cfg['norm_type']!r} (MoVQ); only 'group'.")
   if cfg.get("lookup_from_codebook", False):
     raise ValueError("VQModel lookup_from_codebook=True (decoding from indices) is not supported.")
-  bad = [t for t in cfg.get("down_block_types", []) if t != "DownEncoderBlock2D"]
-  bad += [t for t in cfg.get("up_block_types", []) if t != "UpDecoderBlock2D"]
-  if bad:
-    raise ValueError(f"Unsupported VQModel block types {sorted(set(bad))}.")
-  latent = cfg.get("latent_channels", 3)
-  kwargs = dict(
-      in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-      block_out_channels=tuple(cfg.get("block_out_channels", (64,))),
-      layers_per_block=cfg.get("layers_per_block", 1), latent_channels=latent,
-      num_vq_embeddings=cfg.get("num_vq_embeddings", 256),
-      vq_embed_dim=cfg.get("vq_embed_dim") or latent, norm_num_groups=cfg.get("norm_num_groups", 32),
-      mid_block_attention=cfg.get("mid_block_add_attention", True))
+  kwargs = autoencoder_fields(cfg, latent_channels=3)
+  kwargs.update(num_vq_embeddings=cfg.get("num_vq_embeddings", 256),
+                vq_embed_dim=cfg.get("vq_embed_dim") or kwargs["latent_channels"])
   kwargs.update(overrides)
   return VQModel(**kwargs)
 
 
 def vq_to_diffusers_config(vq: VQModel, sample_size: int, scaling_factor: float) -> Dict[str, Any]:
   """The diffusers config dict that describes `vq`."""
-  levels = len(vq.block_out_channels)
-  return {
-      "_class_name": "VQModel", "sample_size": sample_size,
-      "in_channels": vq.in_channels, "out_channels": vq.out_channels,
-      "down_block_types": ["DownEncoderBlock2D"] * levels,
-      "up_block_types": ["UpDecoderBlock2D"] * levels,
-      "block_out_channels": list(vq.block_out_channels), "layers_per_block": vq.layers_per_block,
-      "act_fn": "silu", "latent_channels": vq.latent_channels,
-      "num_vq_embeddings": vq.num_vq_embeddings, "vq_embed_dim": vq.embed_dim,
-      "norm_num_groups": vq.norm_num_groups, "scaling_factor": float(scaling_factor),
-      "norm_type": "group", "mid_block_add_attention": vq.mid_block_attention,
-      "lookup_from_codebook": False, "force_upcast": False,
-  }
+  return {**autoencoder_config(vq, "VQModel", sample_size, scaling_factor),
+          "num_vq_embeddings": vq.num_vq_embeddings, "vq_embed_dim": vq.embed_dim,
+          "norm_type": "group", "lookup_from_codebook": False, "force_upcast": False}
 
 
 def abstract_vq_params(vq: VQModel) -> Any:

@@ -30,6 +30,7 @@ from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.parallel import unbox
 
 FORMAT = "latent_diffusion_jax.native"
 _CLASSES = {cls.__name__: cls for cls in
@@ -70,7 +71,7 @@ def module_from_config(config: Dict[str, Any], **overrides) -> nn.Module:
 
 
 def _flat(params: Any) -> Dict[str, np.ndarray]:
-  params = nn.meta.unbox(params)
+  params = unbox(params)
   return {"/".join(path): np.asarray(value)
           for path, value in traverse_util.flatten_dict(params).items()}
 
@@ -125,7 +126,7 @@ def _abstract(name: str, module: nn.Module, max_length: int) -> Any:
 
 def _load_params(path: str, reference: Any, what: str) -> Any:
   tensors = load_state_dict(path)
-  expected = {"/".join(p): v for p, v in traverse_util.flatten_dict(nn.meta.unbox(reference)).items()}
+  expected = {"/".join(p): v for p, v in traverse_util.flatten_dict(unbox(reference)).items()}
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected))
   mismatched = sorted(f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"

@@ -29,6 +29,7 @@ from latent_diffusion_jax.interop.export_diffusers import (ExportError, cast_sta
 from latent_diffusion_jax.interop.files import load_state_dict
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel
+from latent_diffusion_jax.parallel import unbox
 
 TEXT_LAYOUTS = ("auto", "clip", "open_clip")
 # Buffers and heads of the original checkpoints that our modules do not hold.
@@ -114,8 +115,7 @@ def export_single_file(bundle: ModelBundle, path: str, *, dtype: str = "float32"
 def _torch_keys(abstract_params: Any):
   """The PyTorch (diffusers/transformers) keys of a Flax param tree, without materializing it."""
   from flax import traverse_util
-  import flax.linen as nn
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params))
+  flat = traverse_util.flatten_dict(unbox(abstract_params))
   return [flax_path_to_torch_key(p[:-1], "bias" if p[-1] == "bias" else "weight") for p in flat]
 
 

@@ -205,7 +205,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   writer = loop.create_writer(workdir)
   with parallel.mesh_context(mesh, rules):
     state, shardings, data_state, _ = setup.initial_state(
-        config, workdir, build_init_fn(config, vae), mesh, rules, checkpointer)
+        config, workdir, build_init_fn(config, vae), mesh, rules, checkpointer, {"vae": vae})
     if data_state is not None:
       data_iter.set_state(data_state)
     first = next(batches)

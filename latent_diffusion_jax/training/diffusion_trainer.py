@@ -18,6 +18,7 @@ from absl import logging
 from latent_diffusion_jax import parallel
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models import build
+from latent_diffusion_jax.training import foreign_init
 from latent_diffusion_jax.training import frozen as frozen_lib
 from latent_diffusion_jax.training import loop, setup
 from latent_diffusion_jax.training.checkpointing import Checkpointer
@@ -124,6 +125,17 @@ def estimate_scale(config, vae, vae_params, batches, mesh) -> float:
   return frozen_lib.estimate_scale_factor(lats)
 
 
+def _frozen_from_pipeline(config: mc.ConfigDict) -> None:
+  """Fine-tuning a diffusers pipeline: its vae/ (and CLIP text_encoder/, tokenizer/) fill the
+  frozen.* keys the config leaves empty, so they match the imported UNet."""
+  keys = ["vae"] + (["text_encoder", "tokenizer"] if config.model.text_encoder.kind == "clip" else [])
+  defaults = foreign_init.pipeline_frozen_defaults(config.training.init_checkpoint, keys)
+  for key, path in defaults.items():
+    if not config.frozen[key]:
+      logging.info("frozen.%s = %s (from training.init_checkpoint)", key, path)
+      config.frozen[key] = path
+
+
 def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains stage 2 in `workdir` (resuming if it holds a checkpoint). Returns the loop summary."""
   os.makedirs(workdir, exist_ok=True)
@@ -134,6 +146,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   logging.info("Mesh %s on %d devices, global batch %d", dict(mesh.shape), jax.device_count(), global_batch)
 
   te_cfg = config.model.text_encoder
+  _frozen_from_pipeline(config)
   tokenizer = None
   if te_cfg.kind != "none":
     from latent_diffusion_jax.data.tokenizers import load_tokenizer
@@ -164,8 +177,11 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
                                     log_indices=True)
   with parallel.mesh_context(mesh, rules):
     init_fn = build_init_fn(config, unet, text_encoder, tx)
+    trained = {"unet": unet}
+    if te_cfg.trainable and text_encoder is not None:
+      trained["text_encoder"] = text_encoder
     state, shardings, data_state, meta = setup.initial_state(config, workdir, init_fn, mesh, rules,
-                                                             checkpointer)
+                                                             checkpointer, trained)
     if data_state is not None:
       data_iter.set_state(data_state)
 

@@ -1,7 +1,7 @@
 """Run set-up shared by the trainers: config checks, mesh, sharded or restored state, compile."""
 
 import json
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -67,8 +67,14 @@ def config_from_json(text: str) -> mc.ConfigDict:
 
 
 def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, rules,
-                  checkpointer: Checkpointer) -> Tuple[Any, Any, Any, Any]:
+                  checkpointer: Checkpointer,
+                  trained_modules: Optional[Dict[str, Any]] = None) -> Tuple[Any, Any, Any, Any]:
   """Resumes or creates the train state (resume order: workdir > init checkpoint > scratch).
+
+  Args:
+    trained_modules: name -> module of the networks in `state.params` that foreign weights
+      (training.init_checkpoint naming a diffusers / single-file / native export) may initialize;
+      None when this trainer only starts from its own workdirs.
 
   Returns:
     (state, shardings, data_state or None, meta or None).
@@ -82,8 +88,14 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
   state, shardings = parallel.create_sharded_state(init_fn, rng, mesh=mesh, rules=rules)
   if source.kind == "init":
     if source.step is None:
-      raise ValueError(f"training.init_checkpoint={config.training.init_checkpoint!r} is not a "
-                       "workdir of this package; import foreign weights with interop/ first.")
+      if not trained_modules:
+        raise ValueError(f"training.init_checkpoint={config.training.init_checkpoint!r} is not a "
+                         "workdir of this package, and this trainer imports no foreign weights.")
+      from latent_diffusion_jax.training import foreign_init
+      imported = foreign_init.import_params(source.path, trained_modules,
+                                            allow_pickle=config.frozen.allow_pickle)
+      state = foreign_init.replace_params(state, abstract, shardings, imported, source.path)
+      return state, shardings, None, None
     logging.info("Initializing params from %s step %s", source.path, source.step)
     restored, _, _ = Checkpointer(source.path, read_only=True).restore(
         source.step, abstract_state=abstract)
