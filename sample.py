@@ -3,6 +3,7 @@
   python sample.py --checkpoint workdirs/shapes_ldm --prompt "a red circle" --out /tmp/samples
   python sample.py --diffusers /models/sd15 --prompts_file prompts.txt --steps 30 \
       --guidance_scale 7.5 --sampler dpmpp_2m --num_images_per_prompt 4 --out /tmp/sd15
+  python sample.py --single_file /models/sd15.safetensors --prompt "a photo of a cat" --out /tmp/cat
 
 Writes one PNG per image, grid.png and settings.json into --out; the logic lives in
 latent_diffusion_jax.sampling.run_sampling.
@@ -16,6 +17,13 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir holding 
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _EMA = flags.DEFINE_boolean("ema", True, "Use the checkpoint's EMA parameters.")
 _DIFFUSERS = flags.DEFINE_string("diffusers", None, "A diffusers pipeline directory.")
+_SINGLE_FILE = flags.DEFINE_string("single_file", None,
+                                   "An original-layout Stable Diffusion checkpoint (.safetensors).")
+_CONFIG_YAML = flags.DEFINE_string("config_yaml", None, "With --single_file: its inference yaml "
+                                   "(default: <stem>.yaml beside it, then the file's header).")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "With --single_file: a CLIP tokenizer "
+                                 "directory (default: <stem>_tokenizer/ beside it).")
+_NATIVE = flags.DEFINE_string("native", None, "A directory written by export --format native.")
 _ALLOW_PICKLE = flags.DEFINE_boolean(
     "allow_pickle", False, "Accept pickle weights (.bin/.ckpt) in --diffusers; they can run code.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for more.")
@@ -34,9 +42,10 @@ _OUT = flags.DEFINE_string("out", "samples", "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if (_CHECKPOINT.value is None) == (_DIFFUSERS.value is None):
-    raise app.UsageError("Give the model with exactly one of --checkpoint WORKDIR or "
-                         "--diffusers DIR.")
+  sources = [_CHECKPOINT.value, _DIFFUSERS.value, _SINGLE_FILE.value, _NATIVE.value]
+  if sum(s is not None for s in sources) != 1:
+    raise app.UsageError("Give the model with exactly one of --checkpoint WORKDIR, --diffusers DIR, "
+                         "--single_file FILE or --native DIR.")
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     prompts += sampling.read_prompts_file(_PROMPTS_FILE.value)
@@ -44,7 +53,9 @@ def main(argv):
     raise app.UsageError("No prompts: pass --prompt (repeatable) or --prompts_file.")
   sampling.run_sampling(
       prompts=prompts, out_dir=_OUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
-      ema=_EMA.value, diffusers=_DIFFUSERS.value, allow_pickle=_ALLOW_PICKLE.value,
+      ema=_EMA.value, diffusers=_DIFFUSERS.value, single_file=_SINGLE_FILE.value,
+      native=_NATIVE.value, config_yaml=_CONFIG_YAML.value, tokenizer=_TOKENIZER.value,
+      allow_pickle=_ALLOW_PICKLE.value,
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value)

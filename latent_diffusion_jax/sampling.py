@@ -449,7 +449,9 @@ def read_prompts_file(path: str) -> list:
 
 
 def load_bundle(*, checkpoint: Optional[str] = None, step: Optional[int] = None, ema: bool = True,
-                diffusers: Optional[str] = None, allow_pickle: bool = False) -> tuple:
+                diffusers: Optional[str] = None, single_file: Optional[str] = None,
+                native: Optional[str] = None, config_yaml: Optional[str] = None,
+                tokenizer: Optional[str] = None, allow_pickle: bool = False) -> tuple:
   """Loads the model from exactly one source.
 
   Args:
@@ -457,21 +459,37 @@ def load_bundle(*, checkpoint: Optional[str] = None, step: Optional[int] = None,
     step: the checkpoint step; default the latest.
     ema: use the EMA parameters of the checkpoint.
     diffusers: a diffusers pipeline directory.
-    allow_pickle: accept pickle weight files in a diffusers directory (they can run code).
+    single_file: an original-layout Stable Diffusion checkpoint (.safetensors; .ckpt with
+      `allow_pickle`), read at its `model.diffusion_model.*` weights.
+    native: a directory written by `export --format native`.
+    config_yaml, tokenizer: for `single_file`, its inference yaml and a CLIP tokenizer directory
+      when they are not beside the file (see interop/single_file.py).
+    allow_pickle: accept pickle weight files (they can run code).
 
   Returns:
     (bundle, a one-line description of the source for the settings record).
 
   Raises:
-    ValueError: no source or both sources given; the message names the flags.
+    ValueError: no source or several sources given; the message names the flags.
   """
-  if (checkpoint is None) == (diffusers is None):
-    given = "both" if checkpoint is not None else "neither"
+  sources = {"--checkpoint": checkpoint, "--diffusers": diffusers, "--single_file": single_file,
+             "--native": native}
+  given = [flag for flag, value in sources.items() if value is not None]
+  if len(given) != 1:
     raise ValueError(f"Give the model with exactly one of --checkpoint WORKDIR (our training "
-                     f"checkpoints) or --diffusers DIR (a diffusers pipeline); got {given}.")
+                     f"checkpoints), --diffusers DIR, --single_file FILE or --native DIR; got "
+                     f"{given or 'none'}.")
   if diffusers is not None:
     from latent_diffusion_jax.interop.diffusers import load_pipeline
     return load_pipeline(diffusers, allow_pickle=allow_pickle), f"diffusers:{diffusers}"
+  if single_file is not None:
+    from latent_diffusion_jax.interop.single_file import load_single_file
+    bundle = load_single_file(single_file, config_yaml=config_yaml, allow_pickle=allow_pickle,
+                              tokenizer_path=tokenizer)
+    return bundle, f"single_file:{single_file}"
+  if native is not None:
+    from latent_diffusion_jax.interop.native import load_native
+    return load_native(native), f"native:{native}"
   from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
   bundle = load_bundle_from_workdir(checkpoint, step=step, use_ema=ema)
   step_name = bundle.metadata.get("step", step if step is not None else "latest")
@@ -480,6 +498,8 @@ def load_bundle(*, checkpoint: Optional[str] = None, step: Optional[int] = None,
 
 def run_sampling(*, prompts: Sequence[str], out_dir: str, checkpoint: Optional[str] = None,
                  step: Optional[int] = None, ema: bool = True, diffusers: Optional[str] = None,
+                 single_file: Optional[str] = None, native: Optional[str] = None,
+                 config_yaml: Optional[str] = None, tokenizer: Optional[str] = None,
                  allow_pickle: bool = False, negative_prompt: str = "",
                  num_images_per_prompt: int = 1, seed: int = 0, num_steps: int = 50,
                  guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
@@ -489,7 +509,8 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, checkpoint: Optional[s
   Args:
     prompts: the prompts; each one's images are consecutive.
     out_dir: where `images.save_images` writes the PNGs, the grid and settings.json.
-    checkpoint, step, ema, diffusers, allow_pickle: the model source, see `load_bundle`.
+    checkpoint, step, ema, diffusers, single_file, native, config_yaml, tokenizer, allow_pickle:
+      the model source, see `load_bundle`.
     negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size: see `generate`.
     num_images_per_prompt: images per prompt (different seeds of the per-image noise).
     print_fn: progress lines go here.
@@ -506,7 +527,8 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, checkpoint: Optional[s
   # Fail on bad settings before spending time on loading the model.
   _check_sampler_args(sampler, num_steps, eta)
   bundle, source = load_bundle(checkpoint=checkpoint, step=step, ema=ema, diffusers=diffusers,
-                               allow_pickle=allow_pickle)
+                               single_file=single_file, native=native, config_yaml=config_yaml,
+                               tokenizer=tokenizer, allow_pickle=allow_pickle)
   all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
   print_fn(f"Sampling {len(all_prompts)} images of {bundle.image_size}px from {source} "
            f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")

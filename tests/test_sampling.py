@@ -301,11 +301,41 @@ def test_sample_py_end_to_end(diffusers_pipeline, sample_cli, one_device, tmp_pa
   assert np.asarray(Image.open(out / settings["files"][0])).shape == (16, 16, 3)
 
 
+def test_sample_py_reads_single_file_and_native_exports(diffusers_pipeline, sample_cli, one_device,
+                                                       tmp_path, monkeypatch):
+  """The same weights as a single file and as a native export sample the same pixels as the
+  diffusers directory they were converted from."""
+  from latent_diffusion_jax.interop.diffusers import load_pipeline
+  from latent_diffusion_jax.interop.native import export_native
+  from latent_diffusion_jax.interop.single_file import export_single_file
+  _, directory = diffusers_pipeline
+  monkeypatch.setattr(sampling, "default_mesh", lambda: one_device)
+  bundle = load_pipeline(directory)
+  single = str(tmp_path / "model.safetensors")
+  export_single_file(bundle, single)
+  export_native(bundle, str(tmp_path / "native"))
+  pixels = {}
+  for flag, source in (("--diffusers", directory), ("--single_file", single),
+                       ("--native", str(tmp_path / "native"))):
+    out = tmp_path / flag.strip("-")
+    _run_cli(sample_cli, [flag, source, "--prompt", "a red circle", "--steps", "3", "--seed", "2",
+                          "--out", str(out)])
+    with open(out / "settings.json") as f:
+      settings = json.load(f)
+    assert settings["source"] == f"{flag.strip('-')}:{source}"
+    pixels[flag] = np.asarray(Image.open(out / settings["files"][0]))
+  np.testing.assert_array_equal(pixels["--single_file"], pixels["--diffusers"])
+  np.testing.assert_array_equal(pixels["--native"], pixels["--diffusers"])
+
+
 def test_sample_py_names_the_missing_flags(sample_cli, tmp_path):
   from absl import app
-  with pytest.raises(app.UsageError, match="--checkpoint WORKDIR or --diffusers DIR"):
+  with pytest.raises(app.UsageError, match="--checkpoint WORKDIR, --diffusers DIR, --single_file"):
     _run_cli(sample_cli, ["--prompt", "a red circle", "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="--checkpoint WORKDIR .* --diffusers DIR"):
+  with pytest.raises(app.UsageError, match="exactly one of"):
+    _run_cli(sample_cli, ["--prompt", "a red circle", "--diffusers", str(tmp_path), "--native",
+                          str(tmp_path), "--out", str(tmp_path)])
+  with pytest.raises(ValueError, match="--checkpoint WORKDIR .* --diffusers DIR.*got none"):
     sampling.run_sampling(prompts=["a red circle"], out_dir=str(tmp_path))
   with pytest.raises(ValueError, match="--prompt"):
     sampling.run_sampling(prompts=[], out_dir=str(tmp_path), diffusers=str(tmp_path))
