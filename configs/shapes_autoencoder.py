@@ -33,7 +33,7 @@ def get_config(arg=None):
   a.perceptual_weight = 0.0
   # The adversarial term joins for the last sixth of the run, gently: its adaptive weight sits at
   # the 1e4 clip here, so disc_weight bounds its last-layer gradient to <= 5% of the L1/L2 one.
-  a.disc_start = 1001
+  a.disc_start = 701
   a.disc_weight = 0.05
   a.disc_loss = "hinge"
   a.disc_channels = 16
@@ -47,8 +47,10 @@ def get_config(arg=None):
   c.optimizer.ema_decay = 0.0
 
   # Small batches: on 2 CPU cores, updates of 8 images reach 30 dB after fewer images than of 16 or 32.
+  # 850 steps: 30.52 dB / SSIM 0.948 on the 512 held-out images (1200 steps gave 32.56 dB but did
+  # not leave stage 2 enough of `make demo`'s 15 minutes).
   c.training.batch_size = 8
-  c.training.num_steps = 1200
+  c.training.num_steps = 850
   c.training.log_every = 50
   c.training.checkpoint_every = 400
   c.training.sample_every = 0

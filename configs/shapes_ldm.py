@@ -22,8 +22,14 @@ def get_config(arg=None):
   m.vae.norm_num_groups = 16
   m.latent_scale_factor = 0.0  # use stage 1's stored estimate (or estimate here)
 
-  m.unet.block_out_channels = (64, 128)
-  m.unet.attention_levels = (True, True)
+  # Three levels take the 8x8 latents down to 2x2, one cell per caption position (top/bottom x
+  # left/right), where cross-attention can tie "top left" to a place. Measured with `make demo`'s
+  # evaluator (EMA weights): two levels (64, 128) learned position late or not at all within the
+  # budget (67% color+position after 1000 steps at batch 64; 28%, position at chance, after 1200
+  # at batch 32); three levels reached 93% (64, 128, 128) and 92-95% (48, 128, 128) after 700
+  # steps at batch 64, but 81% at batch 48 and 74% after 600 steps.
+  m.unet.block_out_channels = (48, 128, 128)
+  m.unet.attention_levels = (True, True, True)
   m.unet.layers_per_block = 1
   m.unet.num_heads = 4
   m.unet.norm_num_groups = 16
@@ -43,14 +49,15 @@ def get_config(arg=None):
 
   c.diffusion.caption_dropout = 0.1
   c.optimizer.learning_rate = 1e-3
-  c.optimizer.warmup_steps = 100
+  c.optimizer.warmup_steps = 50
   c.optimizer.schedule = "cosine"
   c.optimizer.end_learning_rate_factor = 0.1
   c.optimizer.weight_decay = 0.0
-  c.optimizer.ema_decay = 0.999
+  # A short run: 0.999 would still average in the weights of the first few hundred steps.
+  c.optimizer.ema_decay = 0.99
 
   c.training.batch_size = 64
-  c.training.num_steps = 1000
+  c.training.num_steps = 700
   c.training.log_every = 50
   c.training.checkpoint_every = 500
   c.training.sample_every = 0
