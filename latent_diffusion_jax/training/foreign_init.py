@@ -128,10 +128,6 @@ def check_same_architecture(ours: nn.Module, theirs: nn.Module, config_key: str,
                      + "; ".join(diffs) + ". Set those keys to the weights' values.")
 
 
-def _text_config_key(module: nn.Module) -> str:
-  return "model.text_encoder." + ("clip" if type(module).__name__ == "CLIPTextModel" else "ldm")
-
-
 def import_params(path: str, modules: Dict[str, nn.Module], *,
                   allow_pickle: bool = False) -> Dict[str, Any]:
   """Host params for each of `modules` (name -> the module the config builds) found in `path`.
@@ -153,15 +149,17 @@ def import_params(path: str, modules: Dict[str, nn.Module], *,
         continue
       raise ValueError(f"training.init_checkpoint={path!r} holds no {name} weights to fine-tune.")
     theirs, values = found[name]
-    key = _config_key(name, ours)
-    check_same_architecture(ours, theirs, key, path)
+    check_same_architecture(ours, theirs, _config_key(name, ours), path)
     params[name] = values
   logging.info("Imported %s from %s for fine-tuning.", sorted(params), path)
   return params
 
 
 def _config_key(name: str, module: nn.Module) -> str:
-  return _text_config_key(module) if name == "text_encoder" else _CONFIG_KEYS[name]
+  """The config section that builds network `name` (for error messages)."""
+  if name == "text_encoder":
+    return "model.text_encoder." + ("clip" if type(module).__name__ == "CLIPTextModel" else "ldm")
+  return _CONFIG_KEYS[name]
 
 
 def place(values: Any, abstract: Any, shardings: Any, what: str) -> Any:
