@@ -89,6 +89,18 @@ def test_restore_onto_other_mesh(tmp_path, state_and_abstract):
                restored, state)
 
 
+def test_relative_workdir_saves_and_restores(tmp_path, monkeypatch, state_and_abstract):
+  """`make demo` passes workdirs/demo/...: a relative workdir resolves against the cwd."""
+  state, abstract = state_and_abstract
+  monkeypatch.chdir(tmp_path)
+  with Checkpointer("runs/rel", async_save=False) as ckpt:
+    ckpt.save(1, state)
+  assert (tmp_path / "runs" / "rel" / "checkpoints" / "1").is_dir()
+  restored, _, _ = Checkpointer("runs/rel", read_only=True).restore(1, abstract_state=abstract)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+               restored, state)
+
+
 def test_interval_keep_k_and_async_wait(tmp_path, state_and_abstract):
   state, _ = state_and_abstract
   with Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2, async_save=True) as ckpt:

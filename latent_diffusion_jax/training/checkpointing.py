@@ -84,7 +84,12 @@ def _use_single_replica_writes() -> None:
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
-  """Where a run keeps its checkpoints, apart from logs and samples in the same workdir."""
+  """Where a run keeps its checkpoints, apart from logs and samples in the same workdir.
+
+  A relative local path is made absolute (Orbax refuses relative ones); URLs (gs://...) are kept.
+  """
+  if "://" not in os.fspath(workdir):
+    workdir = os.path.abspath(os.fspath(workdir))
   return epath.Path(workdir) / CHECKPOINT_SUBDIR
 
 
