@@ -3,29 +3,19 @@
   python sample.py --checkpoint workdirs/shapes_ldm --prompt "a red circle" --out /tmp/samples
   python sample.py --diffusers /models/sd15 --prompts_file prompts.txt --steps 30 \
       --guidance_scale 7.5 --sampler dpmpp_2m --num_images_per_prompt 4 --out /tmp/sd15
-  python sample.py --single_file /models/sd15.safetensors --prompt "a photo of a cat" --out /tmp/cat
+  python sample.py --model /models/sd15.safetensors --prompt "a photo of a cat" --out /tmp/cat
 
-Writes one PNG per image, grid.png and settings.json into --out; the logic lives in
-latent_diffusion_jax.sampling.run_sampling.
+The model: --model (any source, detected) or one of --checkpoint, --diffusers, --single_file,
+--native, the same flags as the export command's. Writes one PNG per image, grid.png and
+settings.json into --out; the logic lives in latent_diffusion_jax.sampling.run_sampling.
 """
 
 from absl import app, flags
 
 from latent_diffusion_jax import sampling
+from latent_diffusion_jax.cli import errors, source_flags
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Training workdir holding our checkpoints.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-_EMA = flags.DEFINE_boolean("ema", True, "Use the checkpoint's EMA parameters.")
-_DIFFUSERS = flags.DEFINE_string("diffusers", None, "A diffusers pipeline directory.")
-_SINGLE_FILE = flags.DEFINE_string("single_file", None,
-                                   "An original-layout Stable Diffusion checkpoint (.safetensors).")
-_CONFIG_YAML = flags.DEFINE_string("config_yaml", None, "With --single_file: its inference yaml "
-                                   "(default: <stem>.yaml beside it, then the file's header).")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "With --single_file: a CLIP tokenizer "
-                                 "directory (default: <stem>_tokenizer/ beside it).")
-_NATIVE = flags.DEFINE_string("native", None, "A directory written by export --format native.")
-_ALLOW_PICKLE = flags.DEFINE_boolean(
-    "allow_pickle", False, "Accept pickle weights (.bin/.ckpt) in --diffusers; they can run code.")
+source_flags.define()
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for more.")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A text file with one prompt per line.")
 _NEGATIVE_PROMPT = flags.DEFINE_string("negative_prompt", "", "Unconditional text for guidance.")
@@ -39,23 +29,18 @@ _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per device call (
 _OUT = flags.DEFINE_string("out", "samples", "Output directory.")
 
 
+@errors.exits_on_user_error("sample.py")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  sources = [_CHECKPOINT.value, _DIFFUSERS.value, _SINGLE_FILE.value, _NATIVE.value]
-  if sum(s is not None for s in sources) != 1:
-    raise app.UsageError("Give the model with exactly one of --checkpoint WORKDIR, --diffusers DIR, "
-                         "--single_file FILE or --native DIR.")
+  source = source_flags.source_from_flags()
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     prompts += sampling.read_prompts_file(_PROMPTS_FILE.value)
   if not prompts:
     raise app.UsageError("No prompts: pass --prompt (repeatable) or --prompts_file.")
   sampling.run_sampling(
-      prompts=prompts, out_dir=_OUT.value, checkpoint=_CHECKPOINT.value, step=_STEP.value,
-      ema=_EMA.value, diffusers=_DIFFUSERS.value, single_file=_SINGLE_FILE.value,
-      native=_NATIVE.value, config_yaml=_CONFIG_YAML.value, tokenizer=_TOKENIZER.value,
-      allow_pickle=_ALLOW_PICKLE.value,
+      prompts=prompts, out_dir=_OUT.value, source=source,
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value)

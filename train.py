@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from latent_diffusion_jax.training.checkpointing import CheckpointWriteError
+from latent_diffusion_jax.cli import errors
 from latent_diffusion_jax.training.run import run_training
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
@@ -24,20 +24,17 @@ flags.mark_flags_as_required(["config", "workdir"])
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.ENOTDIR)
 
 
+@errors.exits_on_user_error("train.py")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     run_training(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, PermissionError, FloatingPointError,
-          CheckpointWriteError) as e:
-    # Bad input, halted runs and failed saves end with their message, not a traceback.
-    sys.exit(f"train.py: {type(e).__name__}: {e}")
   except OSError as e:
     if e.errno not in _STORAGE_ERRNOS:
       raise
-    # A full disk or read-only storage anywhere in the workdir (caches, logs): the message names
-    # the file; a traceback would add nothing.
+    # A full disk or read-only storage anywhere in the workdir (TensorBoard files, caches): the
+    # message names the file; a traceback would add nothing.
     sys.exit(f"train.py: {type(e).__name__}: {e}")
 
 

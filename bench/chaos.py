@@ -169,7 +169,7 @@ def bitwise_differences(a: dict, b: dict) -> List[str]:
 
 def prepare_data(data_dir: str) -> str:
   """Generates the :tiny config's dataset into `data_dir` once, so concurrent runs only read it."""
-  from latent_diffusion_jax.config import load_config_file
+  from latent_diffusion_jax.core.config import load_config_file
   from latent_diffusion_jax.data import shapes_source
   c = load_config_file(os.path.join(ROOT, "configs/shapes_ldm.py:tiny"))
   shapes_source.load_split(data_dir, "train", num_train=c.data.num_train, num_test=c.data.num_test,

@@ -9,7 +9,7 @@ decoding costs about what photos cost; shapes captions; full json), outside the 
   1. host pipeline alone: tar reading + JPEG decoding + resize/crop through tf.data (images/s),
   2. unless --host_only, the whole job, timed after a warm-up job that compiles the encoder:
      `encode_shards` from the tars to committed latent shards (images/s), as
-     `python -m latent_diffusion_jax.encode` runs it.
+     `python -m latent_diffusion_jax.cli.encode` runs it.
 Models are random unless --config.frozen.vae / --config.frozen.text_encoder name real ones (the
 cost does not depend on the weights). Extra `--config.<key>=<value>` flags override the config.
 """
@@ -70,7 +70,8 @@ def write_shards(directory: str, num_shards: int, per_shard: int, size: int, see
 def main(argv):
   del argv
   import jax
-  from latent_diffusion_jax.data import encoder_job, webdataset
+  from latent_diffusion_jax.data import encoder_job, shard_reading, webdataset
+  from latent_diffusion_jax.training import frozen
   config = _CONFIG.value
   if _RESOLUTION.value:
     config.model.image_size = config.encode.resolution = _RESOLUTION.value
@@ -82,7 +83,7 @@ def main(argv):
   total = _NUM_SHARDS.value * _PER_SHARD.value
 
   prep = webdataset.Preprocessing.from_config(config)
-  files = webdataset.expand_patterns(pattern)
+  files = shard_reading.expand_patterns(pattern)
   start = time.perf_counter()
   decoded = sum(1 for r in webdataset.read_samples(
       files, prep, parallel_shards=config.encode.parallel_shards).as_numpy_iterator()
@@ -96,7 +97,7 @@ def main(argv):
   if _HOST_ONLY.value:
     return
 
-  encoder, tokenizer, scale = encoder_job.build_encoder(config)
+  encoder, tokenizer, scale = frozen.build_encoder(config)
   for out in ("warmup_latents", "latents"):
     shutil.rmtree(os.path.join(workdir, out), ignore_errors=True)
   encoder_job.encode_shards(config, warmup, os.path.join(workdir, "warmup_latents"),

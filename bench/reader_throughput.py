@@ -63,7 +63,7 @@ def main(argv):
   del argv
   import jax
   import tensorflow as tf
-  from latent_diffusion_jax import parallel
+  from latent_diffusion_jax.core import parallel
   from latent_diffusion_jax.data import latent_shards as ls
   config = _CONFIG.value
   if _RESOLUTION.value:

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
   parser.add_argument("--min_psnr", type=float, default=30.0)
   args, overrides = parser.parse_known_args(argv)
   sys.path.insert(0, _ROOT)
-  from latent_diffusion_jax.config import load_config_file
+  from latent_diffusion_jax.core.config import load_config_file
   from latent_diffusion_jax.training.run import run_training
   config = load_config_file(os.path.join(_ROOT, "configs", "shapes_autoencoder.py"))
   for item in overrides:

@@ -2,13 +2,13 @@
 
 The text encoder keeps 23 of OpenCLIP ViT-H's 24 layers (SD 2 conditions on the penultimate layer),
 as diffusers' SD 2 text_encoder does.
-  python -m latent_diffusion_jax.summary --config configs/sd21_base.py        # 512 px, epsilon
-  python -m latent_diffusion_jax.summary --config configs/sd21_base.py:768-v  # 768 px, v-prediction
+  python -m latent_diffusion_jax.cli.summary --config configs/sd21_base.py        # 512 px, epsilon
+  python -m latent_diffusion_jax.cli.summary --config configs/sd21_base.py:768-v  # 768 px, v-prediction
 Arguments (comma separated): `768-v` for the 768 px v-prediction model (which upcasts attention),
 `tiny` for small networks of the same structure.
 """
 
-from latent_diffusion_jax.config import base_config, parse_arg, tiny_models
+from latent_diffusion_jax.core.config import base_config, parse_arg, tiny_models
 
 
 def get_config(arg=None):

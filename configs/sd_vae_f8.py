@@ -6,13 +6,13 @@
 Losses as in LDM's first_stage_models/kl-f8 config: L1 + LPIPS (weight 1) with a learned output
 log-variance, KL weight 1e-6, PatchGAN hinge loss with the adaptive weight (disc_weight 0.5) from
 step 50001 on. Adam(0.5, 0.9) at LDM's base rate 4.5e-6 times the global batch, no clipping, no EMA.
-LPIPS weights come from `python -m latent_diffusion_jax.models.lpips_convert` (nothing is
+LPIPS weights come from `python -m latent_diffusion_jax.interop.lpips` (nothing is
 downloaded). The embedded shapes data is the only image source wired up so far; real training
 needs an image dataset in `data`.
 Arguments: `tiny` (same structure, a few thousand times smaller, no LPIPS: a 2-step smoke run).
 """
 
-from latent_diffusion_jax.config import (base_config, first_stage_smoke_run,
+from latent_diffusion_jax.core.config import (base_config, first_stage_smoke_run,
                                          ldm_first_stage_training, parse_arg)
 
 

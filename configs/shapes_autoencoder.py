@@ -11,7 +11,7 @@ be downloaded in this setting; with a converted file add
 Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
 """
 
-from latent_diffusion_jax.config import base_config, first_stage_smoke_run, parse_arg
+from latent_diffusion_jax.core.config import base_config, first_stage_smoke_run, parse_arg
 
 
 def get_config(arg=None):

@@ -8,7 +8,7 @@ with the LDM paper's jointly trained transformer as text conditioner. `make demo
 Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
 """
 
-from latent_diffusion_jax.config import base_config, parse_arg
+from latent_diffusion_jax.core.config import base_config, parse_arg
 
 
 def get_config(arg=None):

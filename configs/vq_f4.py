@@ -11,7 +11,7 @@ EMA codebook updates. Stage 2 trains on the pre-quantization latents; decoding q
 Arguments: `tiny` (same structure, tiny widths and codebook, no LPIPS: a 2-step smoke run).
 """
 
-from latent_diffusion_jax.config import (base_config, first_stage_smoke_run,
+from latent_diffusion_jax.core.config import (base_config, first_stage_smoke_run,
                                          ldm_first_stage_training, parse_arg)
 
 

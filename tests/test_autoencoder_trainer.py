@@ -10,11 +10,12 @@ import ml_collections as mc
 import numpy as np
 import pytest
 
-from latent_diffusion_jax import parallel
-from latent_diffusion_jax.config import load_config_file
+from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core.config import load_config_file
+from latent_diffusion_jax.models import build
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
-from latent_diffusion_jax.training import setup
-from latent_diffusion_jax.training.image_metrics import gaussian_window, psnr, ssim
+from latent_diffusion_jax.training import startup
+from latent_diffusion_jax.evaluation.image_metrics import gaussian_window, psnr, ssim
 
 RULES = parallel.DEFAULT_LOGICAL_AXIS_RULES
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "shapes_autoencoder.py")
@@ -96,14 +97,14 @@ def _run_steps(config, mesh_shape, batch, steps):
   from latent_diffusion_jax.training import autoencoder_trainer as T
   from latent_diffusion_jax.training.autoencoder_step import make_train_step
   mesh = parallel.create_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
-  vae = T.build_first_stage(config)
+  vae = build.build_first_stage(config)
   task = T.build_task(config, vae)
   tx, lr = T.build_optimizer(config, task)
   with parallel.mesh_context(mesh, RULES):
     abstract, shardings = parallel.sharded_abstract_state(
         T.build_init_fn(config, vae), jax.random.key(0), mesh=mesh, rules=RULES)
     state = _filled_state(abstract)
-    fn = setup.compile_step(make_train_step(task, tx, lr, ema_decay=config.optimizer.ema_decay),
+    fn = startup.compile_step(make_train_step(task, tx, lr, ema_decay=config.optimizer.ema_decay),
                             state, shardings, parallel.global_batch(batch, mesh), (), mesh)
     metrics = []
     for _ in range(steps):
@@ -136,8 +137,8 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
   restores onto the abstract state resumption uses (discriminator, its optimizer state) and that
   stage 2's loader reads. The host loop's resume logic itself is covered by test_checkpointing."""
   from latent_diffusion_jax.training import autoencoder_trainer as T
-  from latent_diffusion_jax.training.checkpointing import Checkpointer
-  from latent_diffusion_jax.training.inference_loading import load_autoencoder_from_workdir
+  from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
+  from latent_diffusion_jax.artifacts.workdir import load_first_stage
   workdir = str(tmp_path / "ae")
   config = _tiny_config(**{"data.data_dir": str(tmp_path / "tfds"),
                            "training.async_checkpointing": False})
@@ -151,7 +152,7 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
   final = jax.device_get(result["state"])
   mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
   abstract, _ = parallel.sharded_abstract_state(
-      T.build_init_fn(config, T.build_first_stage(config)), jax.random.key(0), mesh=mesh,
+      T.build_init_fn(config, build.build_first_stage(config)), jax.random.key(0), mesh=mesh,
       rules=RULES)
   with Checkpointer(workdir, read_only=True) as ckpt:
     restored, data, meta = ckpt.restore(abstract_state=abstract)
@@ -160,7 +161,7 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(final)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
-  vae, params, scale = load_autoencoder_from_workdir(workdir)
+  vae, params, scale = load_first_stage(workdir)
   assert isinstance(vae, AutoencoderKL)
   assert scale == pytest.approx(summary["latent_scale_factor"])
   np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"],

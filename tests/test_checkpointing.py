@@ -12,9 +12,9 @@ import pytest
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
-from latent_diffusion_jax import parallel
-from latent_diffusion_jax.training import checkpointing
-from latent_diffusion_jax.training.checkpointing import Checkpointer, RestoreSource
+from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.checkpoints import checkpointer as checkpointing
+from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer, RestoreSource
 
 
 # Built once: a transformation made inside _init would give every call a different pytree treedef.

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_diffusion_jax.config import load_config_file
+from latent_diffusion_jax.core.config import load_config_file
 from latent_diffusion_jax.data import encoder_job, latent_shards as ls, shapes
 from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.image_decode import preprocess_image

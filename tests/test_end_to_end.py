@@ -100,7 +100,7 @@ def sd15_diffusers(trained, tmp_path_factory):
   base = tmp_path_factory.mktemp("sd15")
   sd, out = str(base / "sd15_tiny"), str(base / "diffusers")
   _run(["train.py", "--config", "configs/sd15.py:tiny", "--workdir", sd, f"--config.data.data_dir={data}"])
-  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", sd, "--format", "diffusers", "--out", out])
+  _run(["-m", "latent_diffusion_jax.cli.export", "--checkpoint", sd, "--format", "diffusers", "--out", out])
   return sd, out
 
 
@@ -116,7 +116,7 @@ def test_export_trained_checkpoints(trained, sd15_diffusers, tmp_path):
   assert float(proc.stdout.split()[1]) == pytest.approx(0.18215)
 
   native = str(tmp_path / "native")
-  _run(["-m", "latent_diffusion_jax.export", "--checkpoint", ldm, "--format", "native", "--out", native])
+  _run(["-m", "latent_diffusion_jax.cli.export", "--checkpoint", ldm, "--format", "native", "--out", native])
   proc = _run(["-c", "import sys; from latent_diffusion_jax.interop.native import load_native; "
                "b = load_native(sys.argv[1]); print(type(b.text_encoder).__name__, b.scaling_factor)",
                native])
@@ -137,8 +137,8 @@ def test_fine_tune_from_a_diffusers_export(trained, sd15_diffusers, tmp_path):
   code = """
 import sys, numpy as np, jax
 from latent_diffusion_jax.interop.diffusers import load_pipeline
-from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
-ours, theirs = load_bundle_from_workdir(sys.argv[1], use_ema=False), load_pipeline(sys.argv[2])
+from latent_diffusion_jax.artifacts.workdir import load_bundle
+ours, theirs = load_bundle(sys.argv[1], use_ema=False), load_pipeline(sys.argv[2])
 for name in ("unet_params", "vae_params", "text_encoder_params"):
   a, b = jax.tree.leaves(getattr(ours, name)), jax.tree.leaves(getattr(theirs, name))
   assert len(a) == len(b) > 0, name

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from latent_diffusion_jax import export as export_cli
+from latent_diffusion_jax.cli import export as export_cli
 from latent_diffusion_jax.interop.diffusers import load_pipeline
 from latent_diffusion_jax.interop.export_diffusers import ExportError, export_diffusers
 from latent_diffusion_jax.interop.native import export_native, load_native
@@ -134,7 +134,8 @@ def test_diffusers_loads_the_export_with_no_missing_or_unexpected_keys(sd1_diffu
 def test_diffusers_pipeline_samples_the_image_our_sampler_samples(sd1, sd1_diffusers):
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
-  from latent_diffusion_jax import parallel, sampling
+  from latent_diffusion_jax.core import parallel
+  from latent_diffusion_jax import sampling
   pipe = diffusers.StableDiffusionPipeline.from_pretrained(sd1_diffusers, local_files_only=True)
   assert isinstance(pipe.scheduler, diffusers.DDIMScheduler) and pipe.safety_checker is None
   prompt = "a red circle in the top left"
@@ -187,7 +188,7 @@ def test_cli_refuses_pickles_without_the_flag(sd1, tmp_path):
 
 def test_cli_errors_are_messages_not_tracebacks(tmp_path):
   result = subprocess.run(
-      [sys.executable, "-m", "latent_diffusion_jax.export", "--checkpoint", str(tmp_path / "nope"),
+      [sys.executable, "-m", "latent_diffusion_jax.cli.export", "--checkpoint", str(tmp_path / "nope"),
        "--format", "diffusers", "--out", str(tmp_path / "out")],
       capture_output=True, text=True, cwd=REPO, timeout=60)
   assert result.returncode != 0

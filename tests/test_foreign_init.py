@@ -10,13 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from latent_diffusion_jax import parallel
-from latent_diffusion_jax.config import base_config
+from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.interop.export_diffusers import export_diffusers
 from latent_diffusion_jax.interop.native import export_native
 from latent_diffusion_jax.interop.single_file import export_single_file
-from latent_diffusion_jax.training import foreign_init, setup
-from latent_diffusion_jax.training.checkpointing import Checkpointer
+from latent_diffusion_jax.training import foreign_init, startup
+from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import init_train_state
 from tiny_bundles import MAX_LENGTH, assert_trees_equal, cached_bundle
 
@@ -46,7 +46,7 @@ def _start(bundle, source, workdir, trained):
   rules = parallel.DEFAULT_LOGICAL_AXIS_RULES
   modules = {"unet": bundle.unet, "text_encoder": bundle.text_encoder}
   with parallel.mesh_context(mesh, rules):
-    return setup.initial_state(config, workdir, _init_fn(bundle, trained), mesh, rules,
+    return startup.initial_state(config, workdir, _init_fn(bundle, trained), mesh, rules,
                                Checkpointer(workdir), {k: modules[k] for k in trained})
 
 

@@ -10,8 +10,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from latent_diffusion_jax.config import base_config, load_config_file
+from latent_diffusion_jax.core.config import base_config, load_config_file
 from latent_diffusion_jax.data import latent_shards as ls
+from latent_diffusion_jax.data import shard_reading
 from latent_diffusion_jax.data import shapes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +65,7 @@ def metadata_reader(directory, local_batch, **kw):
       files, counts, local_batch=local_batch, seed=kw.get("seed", 0), start_batch=start,
       moments_shape=manifest["moments_shape"], storage_dtype=manifest["storage_dtype"],
       max_length=MAX_LENGTH, with_metadata=True, shuffle_buffer=6, files_per_window=2)
-  return ls.ResumableBatches(make, identity={"seed": kw.get("seed", 0)})
+  return shard_reading.ResumableBatches(make, identity={"seed": kw.get("seed", 0)})
 
 
 def test_example_round_trip_in_both_dtypes(tmp_path):

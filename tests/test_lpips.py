@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_diffusion_jax.config import base_config
+from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.models import lpips as lpips_lib
-from latent_diffusion_jax.models import lpips_convert
+from latent_diffusion_jax.interop import lpips as lpips_convert
 from latent_diffusion_jax.training.autoencoder_trainer import load_lpips_params
 
 ATOL = 1e-4
@@ -108,6 +108,6 @@ def test_missing_weights_message_names_key_and_converter(tmp_path):
   with pytest.raises(FileNotFoundError) as e:
     load_lpips_params(c)
   assert "c.autoencoder.lpips_weights" in str(e.value)
-  assert "python -m latent_diffusion_jax.models.lpips_convert" in str(e.value)
+  assert "python -m latent_diffusion_jax.interop.lpips" in str(e.value)
   c.autoencoder.perceptual_weight = 0.0
   assert load_lpips_params(c) is None

@@ -6,12 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from latent_diffusion_jax.config import load_config_file
+from latent_diffusion_jax.core.config import load_config_file
 from latent_diffusion_jax.models.attention import dot_product_attention
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from latent_diffusion_jax.models.build import build_unet, build_vae
 from latent_diffusion_jax.models.unet import UNet2DConditionModel, heads_per_level
-from latent_diffusion_jax.summary import summarize
+from latent_diffusion_jax.cli.summary import summarize
 
 
 @pytest.mark.parametrize("config,expected", [

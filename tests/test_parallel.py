@@ -9,7 +9,7 @@ import pytest
 from flax.training import train_state
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.models import layers
 
 F32 = dict(dtype=jnp.float32, param_dtype=jnp.float32)

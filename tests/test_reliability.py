@@ -22,12 +22,13 @@ import orbax.checkpoint as ocp
 import pytest
 from clu import metric_writers
 
-from latent_diffusion_jax import parallel
-from latent_diffusion_jax.config import base_config
+from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
-from latent_diffusion_jax.training import loop, setup
-from latent_diffusion_jax.training.checkpointing import (Checkpointer, CheckpointRestoreError,
+from latent_diffusion_jax.checkpoints import resume as resume_lib
+from latent_diffusion_jax.training import loop
+from latent_diffusion_jax.checkpoints.checkpointer import (Checkpointer, CheckpointRestoreError,
                                                          CheckpointWriteError)
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, init_train_state,
                                                           make_train_step)
@@ -151,9 +152,9 @@ def test_damaged_checkpoint_is_named_and_fallback_resumes_previous(tiny, tmp_pat
   target = tiny[0]()
   ckpt = Checkpointer(tmp_path)
   with pytest.raises(CheckpointRestoreError, match=f"step 4 in {step_dir}.*restore_fallback"):
-    setup.resume(ckpt, target, fallback=False)
+    resume_lib.resume(ckpt, target, fallback=False)
   assert ckpt.all_steps() == [2, 4]  # nothing renamed without the option
-  state, data, _ = setup.resume(ckpt, target, fallback=True)
+  state, data, _ = resume_lib.resume(ckpt, target, fallback=True)
   assert int(state.step) == 2 and data == {"position": 2 * B}
   assert "step 4" in caplog.text and "restore_fallback" in caplog.text
   # Moved aside, so this run can write step 4 again.
@@ -170,7 +171,7 @@ def test_partly_deleted_older_step_does_not_block_resuming(tiny, tmp_path):
     if os.path.isfile(f) and ("METADATA" in f or "/d/" in f or "manifest" in f):
       os.remove(f)
   ckpt = Checkpointer(tmp_path, max_to_keep=2)
-  state, data, _ = setup.resume(ckpt, tiny[0](), fallback=False)
+  state, data, _ = resume_lib.resume(ckpt, tiny[0](), fallback=False)
   assert int(state.step) == 4 and data == {"position": 4 * B}
   assert ckpt.save(5, state, data=data, meta={}, force=True)
   ckpt.close()

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_diffusion_jax import images as images_lib
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import images as images_lib
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax import sampling
 from latent_diffusion_jax.data import tokenizers
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL

@@ -233,7 +233,7 @@ def test_clip_params_carry_logical_axes():
 
 @pytest.mark.parity
 def test_clip_sharded_forward_matches_transformers(sd1):
-  from latent_diffusion_jax import parallel
+  from latent_diffusion_jax.core import parallel
   directory, hf = sd1
   module, params = load_clip_text_model(directory)
   ids = _sd1_ids(np.random.RandomState(6), 4, 16)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.text_encoders import LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
-from latent_diffusion_jax.training import setup
-from latent_diffusion_jax.training.checkpointing import Checkpointer
+from latent_diffusion_jax.training import startup
+from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, init_train_state,
                                                           make_train_step)
 from latent_diffusion_jax.training.state import ema_decay_at, learning_rate_schedule, make_optimizer
@@ -82,10 +82,10 @@ def _compiled(setup_parts, mesh_shape):
     with parallel.mesh_context(mesh, RULES):
       _, shardings = parallel.sharded_abstract_state(init_fn, jax.random.key(0), mesh=mesh, rules=RULES)
       g_batch = parallel.global_batch(batch, mesh)
-      extra = (setup.put_replicated(frozen, mesh), setup.device_scalar(0.5, mesh))
+      extra = (startup.put_replicated(frozen, mesh), startup.device_scalar(0.5, mesh))
       fn = jax.jit(counted, in_shardings=(shardings, jax.tree.map(lambda x: x.sharding, g_batch),
                                           jax.tree.map(lambda x: x.sharding, extra[0]), extra[1].sharding),
-                   out_shardings=(shardings, setup.replicated(mesh)), donate_argnums=(0,))
+                   out_shardings=(shardings, startup.replicated(mesh)), donate_argnums=(0,))
     _COMPILED[mesh_shape] = (mesh, fn, g_batch, extra, traces)
   return _COMPILED[mesh_shape]
 

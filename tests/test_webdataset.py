@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_diffusion_jax.data import image_decode, webdataset as wds
+from latent_diffusion_jax.data import image_decode, shard_reading, webdataset as wds
 from latent_diffusion_jax.data.image_decode import SkipSample, preprocess_image
 
 RESOLUTION = 16
@@ -93,16 +93,16 @@ def truncate_file(path, fraction=0.6):
 
 
 def test_brace_and_glob_expansion(tmp_path):
-  assert wds.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
-  assert wds.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
-  assert wds.expand_braces("x{9..11}") == ["x9", "x10", "x11"]
+  assert shard_reading.expand_braces("s/{000..002}.tar") == ["s/000.tar", "s/001.tar", "s/002.tar"]
+  assert shard_reading.expand_braces("{a,b}-{1..2}") == ["a-1", "a-2", "b-1", "b-2"]
+  assert shard_reading.expand_braces("x{9..11}") == ["x9", "x10", "x11"]
   for name in ("b.tar", "a.tar", "c.txt"):
     (tmp_path / name).write_bytes(b"")
-  got = wds.expand_patterns([str(tmp_path / "*.tar"), str(tmp_path / "a.tar"),
+  got = shard_reading.expand_patterns([str(tmp_path / "*.tar"), str(tmp_path / "a.tar"),
                              str(tmp_path / "missing.tar")])
   assert got == [str(tmp_path / "a.tar"), str(tmp_path / "b.tar"), str(tmp_path / "missing.tar")]
   with pytest.raises(FileNotFoundError, match="matched no file"):
-    wds.expand_patterns(str(tmp_path / "*.zip"))
+    shard_reading.expand_patterns(str(tmp_path / "*.zip"))
 
 
 @pytest.mark.parametrize("name", sorted(kept_samples()))
@@ -248,7 +248,7 @@ def test_tokenize_captions_truncates_long_ones(tmp_path):
 
 
 def test_raw_shard_training_reader_resumes_exactly(tmp_path):
-  from latent_diffusion_jax.config import base_config
+  from latent_diffusion_jax.core.config import base_config
   from latent_diffusion_jax.data import shapes
   from latent_diffusion_jax.data.tokenizers import build_word_tokenizer, load_tokenizer
   tok = load_tokenizer(build_word_tokenizer(shapes.vocabulary(), str(tmp_path / "tok"), 12))

@@ -17,6 +17,7 @@ import os
 from typing import Dict, Iterator, Optional
 
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 INDEX_LOG_ENV = "LDJ_DATA_INDEX_LOG"
 
@@ -42,12 +43,12 @@ class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
                process_index: int = 0, process_count: int = 1, index_log: Optional[str] = None):
     sizes = {k: len(v) for k, v in arrays.items()}
     if len(set(sizes.values())) != 1:
-      raise ValueError(f"Arrays differ in length: {sizes}.")
+      raise UserInputError(f"Arrays differ in length: {sizes}.")
     self.num_examples = next(iter(sizes.values()))
     if global_batch % process_count:
-      raise ValueError(f"Global batch {global_batch} is not divisible by {process_count} processes.")
+      raise UserInputError(f"Global batch {global_batch} is not divisible by {process_count} processes.")
     if global_batch > self.num_examples:
-      raise ValueError(f"Global batch {global_batch} exceeds the {self.num_examples} examples.")
+      raise UserInputError(f"Global batch {global_batch} exceeds the {self.num_examples} examples.")
     self.arrays, self.global_batch, self.seed = arrays, global_batch, seed
     self.local_batch = global_batch // process_count
     self.process_index = process_index
@@ -82,7 +83,7 @@ class ArrayIterator(Iterator[Dict[str, np.ndarray]]):
 
   def set_state(self, state: dict) -> None:
     if state.get("seed", self.seed) != self.seed or state.get("global_batch", self.global_batch) != self.global_batch:
-      raise ValueError(f"Data state {state} was saved with another seed or global batch than this run "
+      raise UserInputError(f"Data state {state} was saved with another seed or global batch than this run "
                        f"(seed {self.seed}, global batch {self.global_batch}); the position would not resume "
                        "the same data order.")
     self.position = int(state["position"])

@@ -1,6 +1,6 @@
 """The sharded encode job: WebDataset tar shards in, latent shards (latent_shards.py) out.
 
-  python -m latent_diffusion_jax.encode --config configs/sd15.py \
+  python -m latent_diffusion_jax.cli.encode --config configs/sd15.py \
       --input 'gs://bucket/laion/{00000..00127}.tar' --output gs://bucket/laion-latents-512
 
 Each host takes the input shards i with i % process_count == process_index and writes one output
@@ -27,11 +27,13 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.data import latent_shards as ls
 from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.pre_encode import fingerprint
+from latent_diffusion_jax.data.shard_reading import expand_patterns
 from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
+from latent_diffusion_jax.core.errors import UserInputError
 
 _SKIPPED_KEYS_KEPT = 20  # per reason, in each shard's stats file
 
@@ -50,7 +52,7 @@ class BatchEncoder:
   def __init__(self, vae, vae_params, text_encoder=None, text_params=None, *, batch_size: int,
                storage_dtype: str = "float16", devices: Optional[Sequence[jax.Device]] = None):
     if storage_dtype not in ("float16", "bfloat16"):
-      raise ValueError(f"storage dtype {storage_dtype!r}; valid: float16, bfloat16.")
+      raise UserInputError(f"storage dtype {storage_dtype!r}; valid: float16, bfloat16.")
     self.mesh = parallel.create_mesh((-1, 1, 1), devices=list(devices or jax.local_devices()))
     self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
     self.storage_dtype = storage_dtype
@@ -105,7 +107,7 @@ def _new_stats(path: str, name: str) -> Dict[str, Any]:
 
 def plan_inputs(inputs: str | Sequence[str]) -> Tuple[List[str], List[str]]:
   """(input shard paths, output shard names); fails fast on bad patterns or clashing names."""
-  files = wds.expand_patterns(inputs)
+  files = expand_patterns(inputs)
   return files, output_names(files)
 
 
@@ -121,7 +123,7 @@ def output_names(files: Sequence[str]) -> List[str]:
     names.append(base + ls.SHARD_SUFFIX)
   clashes = sorted({n for n in names if names.count(n) > 1})
   if clashes:
-    raise ValueError(f"Input shards from different directories share names {clashes[:5]}; encode "
+    raise UserInputError(f"Input shards from different directories share names {clashes[:5]}; encode "
                      "them into separate output directories.")
   return names
 
@@ -145,7 +147,7 @@ def _check_job(output_dir: str, job: dict, process_index: int) -> None:
     previous = ls.read_json(path)
     changed = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
     if changed:
-      raise ValueError(f"{output_dir} holds shards encoded with other settings ({changed} differ: "
+      raise UserInputError(f"{output_dir} holds shards encoded with other settings ({changed} differ: "
                        f"{[(previous.get(k), job.get(k)) for k in changed]}); use another "
                        "--output.")
     return
@@ -293,9 +295,9 @@ def encode_shards(config, inputs: str | Sequence[str], output_dir: str, *, encod
 
   Args:
     config: the run config (encode.*, model.text_encoder.max_length, seed).
-    inputs: shard pattern(s): paths, globs, brace patterns (webdataset.expand_patterns).
+    inputs: shard pattern(s): paths, globs, brace patterns (shard_reading.expand_patterns).
     output_dir: local or gs:// directory for the latent shards.
-    encoder: the models (see `BatchEncoder`; `build_encoder` makes one from the config).
+    encoder: the models (see `BatchEncoder`; `training.frozen.build_encoder` makes one from the config).
     tokenizer: the CLIP tokenizer of the caption ids.
     process_index, process_count: this host's share; default: JAX's.
     scale_factor: the VAE's latent scale factor when known (recorded in the manifest).
@@ -384,26 +386,3 @@ def maybe_write_manifest(output_dir: str, names: Sequence[str], job: dict, confi
   ls.write_json(path, manifest, tmp_suffix=f".tmp{process_index}")
   logging.info("Wrote %s: %d examples in %d shards", path, summary["kept"], len(names))
   return path
-
-
-def build_encoder(config) -> tuple:
-  """(BatchEncoder, tokenizer, known scale factor or None) from the config's frozen sources."""
-  import tempfile
-  from latent_diffusion_jax.data.tokenizers import load_tokenizer
-  from latent_diffusion_jax.training import frozen
-  te = config.model.text_encoder
-  if te.kind == "none":
-    raise ValueError("Encoding stores caption token ids: use a text-conditioned model config "
-                     "(model.text_encoder.kind clip or ldm_transformer).")
-  vae, vae_params, stored_scale = frozen.load_vae(config)
-  text, text_params = None, None
-  if config.encode.store_text_embeddings:
-    if te.kind != "clip" or te.trainable:
-      raise ValueError("encode.store_text_embeddings needs a frozen CLIP text encoder "
-                       "(model.text_encoder.kind='clip', trainable=False).")
-    text, text_params = frozen.load_text_encoder(config)
-  encoder = BatchEncoder(vae, vae_params, text, text_params, batch_size=config.encode.batch_size,
-                         storage_dtype=config.encode.storage_dtype)
-  tokenizer = load_tokenizer(frozen.prepare_tokenizer(config, tempfile.mkdtemp()))
-  scale = config.model.latent_scale_factor if config.model.latent_scale_factor > 0 else stored_scale
-  return encoder, tokenizer, scale

@@ -31,6 +31,7 @@ from typing import Tuple
 
 import numpy as np
 from PIL import Image, ImageOps
+from latent_diffusion_jax.core.errors import UserInputError
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -100,7 +101,7 @@ def crop_offset(height: int, width: int, resolution: int, crop: str, key: str,
     rng = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
     top = int(rng.integers(0, height - resolution + 1))
     return top, int(rng.integers(0, width - resolution + 1))
-  raise ValueError(f"Unknown crop {crop!r}; valid: center, random.")
+  raise UserInputError(f"Unknown crop {crop!r}; valid: center, random.")
 
 
 def resized_size(height: int, width: int, resolution: int) -> Tuple[int, int]:

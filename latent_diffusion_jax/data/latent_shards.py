@@ -1,6 +1,6 @@
 """Latent shards: TFRecord files of pre-encoded examples, their manifest, and the training reader.
 
-An output directory of `python -m latent_diffusion_jax.encode` holds one `NAME.tfrecord` per input
+An output directory of `python -m latent_diffusion_jax.cli.encode` holds one `NAME.tfrecord` per input
 shard `NAME.tar`, a `NAME.stats.json` beside each (its counts), `encode_job.json` (the settings a
 resumed job must match) and, once every shard is done, `manifest.json`.
 
@@ -28,11 +28,13 @@ in a per-host file beside each Orbax step, and which breaks when the host count 
 import hashlib
 import json
 import posixpath
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from absl import logging
+
+from latent_diffusion_jax.data.shard_reading import ResumableBatches, expand_patterns, host_files
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 MANIFEST = "manifest.json"
 JOB_FILE = "encode_job.json"
@@ -134,12 +136,11 @@ def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
       finished).
     ValueError: manifests disagree, or a file is missing from its manifest.
   """
-  from latent_diffusion_jax.data.webdataset import expand_patterns
   if tf.io.gfile.isdir(pattern):
     pattern = posixpath.join(pattern, "*" + SHARD_SUFFIX)
   files = sorted(f for f in expand_patterns(pattern) if f.endswith(SHARD_SUFFIX))
   if not files:
-    raise FileNotFoundError(f"No latent shards ({SHARD_SUFFIX}) match {pattern!r}.")
+    raise MissingInputError(f"No latent shards ({SHARD_SUFFIX}) match {pattern!r}.")
   manifests: Dict[str, dict] = {}
   counts = []
   for path in files:
@@ -147,20 +148,20 @@ def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
     if directory not in manifests:
       manifest_path = posixpath.join(directory, MANIFEST)
       if not tf.io.gfile.exists(manifest_path):
-        raise FileNotFoundError(f"{manifest_path} is missing: the encode job writing {directory} "
+        raise MissingInputError(f"{manifest_path} is missing: the encode job writing {directory} "
                                 "has not finished (re-run it; finished shards are skipped).")
       manifests[directory] = read_json(manifest_path)
     shards = manifests[directory]["shards"]
     name = posixpath.basename(path)
     if name not in shards:
-      raise ValueError(f"{path} is not listed in {directory}/{MANIFEST}.")
+      raise UserInputError(f"{path} is not listed in {directory}/{MANIFEST}.")
     counts.append(int(shards[name]["kept"]))
   first, *others = manifests.values()
   for other in others:
     for field in ("storage_dtype", "moments_shape", "max_length", "context_shape",
                   "vae_fingerprint", "tokenizer_fingerprint"):
       if other.get(field) != first.get(field):
-        raise ValueError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
+        raise UserInputError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
                          f"{other.get(field)}.")
   return files, counts, first
 
@@ -211,7 +212,7 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
     [B, max_length], optionally context float16 [B, L, D] and the metadata fields.
   """
   if not files or sum(counts) == 0:
-    raise ValueError(f"Host {process_index} has no latent examples to read ({len(files)} files).")
+    raise UserInputError(f"Host {process_index} has no latent examples to read ({len(files)} files).")
   plan = tf.data.Dataset.from_generator(
       lambda: _window_plan(files, counts, seed=seed, process_index=process_index,
                            files_per_window=files_per_window,
@@ -249,64 +250,6 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
   return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(prefetch)
 
 
-class ResumableBatches:
-  """Iterates a deterministic tf.data pipeline of host batches; its state is the batch count.
-
-  `make_dataset(start_batch)` must build the pipeline positioned after `start_batch` batches. The
-  pipeline is built lazily, so `set_state` before the first batch costs nothing.
-
-  Args:
-    make_dataset: start batch -> tf.data.Dataset of host batches.
-    postprocess: applied to each numpy batch (e.g. tokenizing captions), or None.
-    identity: JSON values that must match between the saved and the resuming run (seed, global
-      batch, ...): a different one would make the position mean other data.
-    advisory: values whose change still resumes at the same batch count, only not with the very
-      same examples (process count, file list); a mismatch is logged.
-  """
-
-  def __init__(self, make_dataset: Callable[[int], tf.data.Dataset], *,
-               postprocess: Optional[Callable[[dict], dict]] = None,
-               identity: Optional[dict] = None, advisory: Optional[dict] = None):
-    self._make_dataset, self._postprocess = make_dataset, postprocess
-    self.identity, self.advisory = dict(identity or {}), dict(advisory or {})
-    self.batches = 0
-    self._iterator = None
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> Dict[str, np.ndarray]:
-    if self._iterator is None:
-      self._iterator = self._make_dataset(self.batches).as_numpy_iterator()
-    try:
-      batch = next(self._iterator)
-    except StopIteration:  # the pipelines repeat forever, so this means nothing is usable
-      raise RuntimeError("The data pipeline yields no examples (every sample skipped?).") from None
-    self.batches += 1
-    return self._postprocess(batch) if self._postprocess else batch
-
-  def get_state(self) -> dict:
-    """The JSON position: batches consumed (the same on every host) plus the run's identity."""
-    return {"batches": int(self.batches), **self.identity, **self.advisory}
-
-  def set_state(self, state: dict) -> None:
-    """Moves to a `get_state` position (of this or an earlier run); the next batch rebuilds the
-    pipeline there. Raises ValueError when the state belongs to other data or another order."""
-    if "batches" not in state:
-      raise ValueError(f"Data state {state} was not saved by this reader (another data.kind?).")
-    for name, value in self.identity.items():
-      if name in state and state[name] != value:
-        raise ValueError(f"Data state {state} was saved with {name}={state[name]!r}, this run has "
-                         f"{value!r}; the saved position would not resume the same data.")
-    for name, value in self.advisory.items():
-      if name in state and state[name] != value:
-        logging.warning("Data state saved with %s=%r, this run has %r: resuming at batch %d, but "
-                        "hosts now read other examples than an uninterrupted run would.", name,
-                        state[name], value, state["batches"])
-    self.batches = int(state["batches"])
-    self._iterator = None
-
-
 def tokenizer_fingerprint(tokenizer) -> str:
   """A short hash of a tokenizer's vocabulary and special ids: stored ids are only meaningful to
   the same tokenizer."""
@@ -319,28 +262,28 @@ def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
   from latent_diffusion_jax.models import build
   size, channels = build.latent_size(config.model), 2 * config.model.vae.latent_channels
   if list(manifest["moments_shape"]) != [size, size, channels]:
-    raise ValueError(f"Latent shards hold moments {manifest['moments_shape']}, the model expects "
+    raise UserInputError(f"Latent shards hold moments {manifest['moments_shape']}, the model expects "
                      f"{[size, size, channels]} (model.image_size / VAE); encode at this size.")
   te = config.model.text_encoder
   if te.kind != "none" and manifest["max_length"] != te.max_length:
-    raise ValueError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
+    raise UserInputError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
                      f"model.text_encoder.max_length is {te.max_length}.")
   if (tokenizer is not None
       and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint(tokenizer)):
-    raise ValueError("The latent shards' token ids come from another tokenizer than this run's "
+    raise UserInputError("The latent shards' token ids come from another tokenizer than this run's "
                      "(frozen.tokenizer); re-encode or point frozen.tokenizer at the same one.")
   if vae_params is not None and config.data.check_vae_fingerprint:
     from latent_diffusion_jax.data.pre_encode import fingerprint
     if manifest["vae_fingerprint"] != fingerprint(vae_params):
-      raise ValueError("The latent shards were encoded by another VAE than this run's frozen.vae "
+      raise UserInputError("The latent shards were encoded by another VAE than this run's frozen.vae "
                        "(fingerprints differ), so samples would decode wrongly. Use the same VAE, "
                        "or set data.check_vae_fingerprint=False if the difference is intended.")
   if config.data.use_text_embeddings:
     if manifest.get("context_shape") is None:
-      raise ValueError("data.use_text_embeddings needs shards encoded with "
+      raise UserInputError("data.use_text_embeddings needs shards encoded with "
                        "encode.store_text_embeddings=True.")
     if te.trainable or config.diffusion.caption_dropout > 0:
-      raise ValueError("data.use_text_embeddings needs a frozen text encoder and "
+      raise UserInputError("data.use_text_embeddings needs a frozen text encoder and "
                        "diffusion.caption_dropout=0 (the train step has no empty-prompt embedding "
                        "to drop captions to).")
 
@@ -360,25 +303,19 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
   Returns:
     Batches of {"moments", "input_ids"} (or "context" with data.use_text_embeddings), numpy.
   """
-  import jax
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if global_batch % pc:
-    raise ValueError(f"Global batch {global_batch} is not divisible by {pc} processes.")
   if not config.data.latent_shards:
-    raise ValueError("data.kind='latent_shards' needs data.latent_shards: the output directory of "
-                     "`python -m latent_diffusion_jax.encode` (or a pattern of its .tfrecord files).")
+    raise UserInputError("data.kind='latent_shards' needs data.latent_shards: the output directory of "
+                     "`python -m latent_diffusion_jax.cli.encode` (or a pattern of its .tfrecord files).")
   files, counts, manifest = resolve_shards(config.data.latent_shards)
   _check_compatible(config, manifest, tokenizer, vae_params)
-  if len(files) < pc:
-    raise ValueError(f"{len(files)} latent shards cannot feed {pc} hosts (one file each at least).")
-  host_files, host_counts = files[pi::pc], counts[pi::pc]
+  pi, pc, mine = host_files(files, global_batch, "latent shards", process_index, process_count)
+  host_counts = counts[pi::pc]
   use_context = bool(config.data.use_text_embeddings)
   keep_ids = config.model.text_encoder.kind != "none" and not use_context
 
   def make_dataset(start_batch: int) -> tf.data.Dataset:
     return latent_dataset(
-        host_files, host_counts, local_batch=global_batch // pc, seed=config.seed,
+        mine, host_counts, local_batch=global_batch // pc, seed=config.seed,
         start_batch=start_batch, moments_shape=manifest["moments_shape"],
         storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
         context_shape=manifest["context_shape"] if use_context else None, process_index=pi,

@@ -24,6 +24,7 @@ import itertools
 from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 COLORS: Dict[str, Tuple[int, int, int]] = {
     "red": (230, 40, 40),
@@ -125,7 +126,7 @@ def render(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
     uint8 array [image_size, image_size, 3].
   """
   if image_size < _MIN_IMAGE_SIZE:
-    raise ValueError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
+    raise UserInputError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
   cell = image_size / 2
   row, col = divmod(POSITIONS.index(attributes["position"]), 2)
   center_y = (row + 0.5 + attributes["offset_y"]) * cell
@@ -145,7 +146,7 @@ def render(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
     depth = y - (center_y - half)
     inside = (depth >= 0) & (depth <= 2 * half) & (np.abs(x - center_x) <= depth / 2)
   else:
-    raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}")
+    raise UserInputError(f"Unknown shape {shape!r}; expected one of {SHAPES}")
   coverage = inside.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE).mean(axis=(1, 3))
 
   background = np.asarray(BACKGROUND, np.float32)
@@ -158,7 +159,7 @@ def example_rng(index: int, split: str = "train", seed: int = 0) -> np.random.Ge
   """The generator that example `index` of `split` draws from; independent across examples."""
   _check_split(split)
   if index < 0 or seed < 0:
-    raise ValueError(f"index and seed must be non-negative, got index={index}, seed={seed}")
+    raise UserInputError(f"index and seed must be non-negative, got index={index}, seed={seed}")
   return np.random.default_rng([seed, SPLITS.index(split), index])
 
 
@@ -212,4 +213,4 @@ def palette_array(names: Sequence[str] = tuple(COLORS)) -> np.ndarray:
 
 def _check_split(split: str) -> None:
   if split not in SPLITS:
-    raise ValueError(f"Unknown split {split!r}; expected one of {SPLITS}")
+    raise UserInputError(f"Unknown split {split!r}; expected one of {SPLITS}")

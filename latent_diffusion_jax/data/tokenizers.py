@@ -11,10 +11,12 @@ A word tokenizer for the shapes dataset:
 import json
 import os
 import re
+import shutil
 from typing import Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import transformers
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -45,7 +47,7 @@ def load_tokenizer(path: str) -> transformers.PreTrainedTokenizerBase:
   has_files = os.path.isfile(os.path.join(path, "tokenizer.json")) or all(
       os.path.isfile(os.path.join(path, name)) for name in ("vocab.json", "merges.txt"))
   if not has_files:
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"No CLIP tokenizer at {path!r}: expected a directory with vocab.json and merges.txt "
         "(or tokenizer.json). Build one with build_word_tokenizer() or copy the 'tokenizer' "
         "folder of a checkpoint there; nothing is downloaded.")
@@ -76,10 +78,10 @@ def build_word_tokenizer(words: Iterable[str], out_dir: str, model_max_length: i
   """
   words = list(dict.fromkeys(words))
   if not words:
-    raise ValueError("build_word_tokenizer needs at least one word")
+    raise UserInputError("build_word_tokenizer needs at least one word")
   bad = [w for w in words if not _WORD_PATTERN.fullmatch(w)]
   if bad:
-    raise ValueError(f"Words must consist of the letters a-z only, got {bad}")
+    raise UserInputError(f"Words must consist of the letters a-z only, got {bad}")
 
   merges = _whole_word_merges(words)
   vocab: Dict[str, int] = {}
@@ -123,7 +125,7 @@ def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, prompts: Sequence[
   if isinstance(prompts, str):
     raise TypeError("tokenize expects a sequence of prompts, got a single string")
   if tokenizer.pad_token_id is None:
-    raise ValueError("The tokenizer has no pad token to pad prompts with")
+    raise UserInputError("The tokenizer has no pad token to pad prompts with")
   rows = np.full((len(prompts), max_length), tokenizer.pad_token_id, np.int32)
   if not prompts:
     return rows
@@ -132,7 +134,7 @@ def tokenize(tokenizer: transformers.PreTrainedTokenizerBase, prompts: Sequence[
   for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
     _check_words(tokenizer, prompt, _content(tokenizer, ids))
     if len(ids) > max_length:
-      raise ValueError(
+      raise UserInputError(
           f"Prompt {prompt!r} has {len(ids)} tokens (start and end tokens included), more than "
           f"max_length={max_length}")
     rows[row, :len(ids)] = ids
@@ -192,7 +194,7 @@ def _check_words(tokenizer, prompt: str, content: List[int]) -> None:
     return
   bad = [word for word in prompt.split()
          if not known(tokenizer(word, add_special_tokens=False)["input_ids"])]
-  raise ValueError(
+  raise UserInputError(
       f"Prompt {prompt!r} contains words outside the tokenizer's vocabulary: "
       f"{bad or 'punctuation or special tokens'}")
 
@@ -201,3 +203,31 @@ def _write_json(path: str, value) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, ensure_ascii=False)
     f.write("\n")
+
+
+def prepare_run_tokenizer(config, workdir: str) -> str:
+  """Copies or builds the tokenizer into `<workdir>/tokenizer` so the run is self-contained."""
+  dest = os.path.join(workdir, "tokenizer")
+  if os.path.isdir(dest):
+    return dest
+  source = config.frozen.tokenizer
+  # Written under a private name and renamed: a run killed half-way, or several processes sharing
+  # the workdir, never leave a partial tokenizer under the name later runs trust.
+  tmp = f"{dest}.tmp-{os.getpid()}"
+  shutil.rmtree(tmp, ignore_errors=True)
+  if source:
+    if not os.path.isdir(source):
+      raise MissingInputError(f"frozen.tokenizer={source!r} is not a directory with a CLIP tokenizer.")
+    load_tokenizer(source)  # fails early, naming the path, if it is not a tokenizer
+    shutil.copytree(source, tmp)
+  else:
+    from latent_diffusion_jax.data import shapes
+    build_word_tokenizer(shapes.vocabulary(), tmp,
+                                    model_max_length=config.model.text_encoder.max_length)
+  try:
+    os.rename(tmp, dest)
+  except OSError:  # another process renamed its identical copy first
+    if not os.path.isdir(dest):
+      raise
+    shutil.rmtree(tmp, ignore_errors=True)
+  return dest

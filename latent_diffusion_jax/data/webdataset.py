@@ -24,70 +24,19 @@ import functools
 import json
 import math
 import posixpath
-import re
 import tarfile
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
 from latent_diffusion_jax.data.image_decode import SkipSample, preprocess_image
+from latent_diffusion_jax.data.shard_reading import ResumableBatches, expand_patterns, host_files
+from latent_diffusion_jax.core.errors import UserInputError
 
 SHARD_END = "shard_end"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-_BRACE = re.compile(r"\{([^{}]*)\}")
-_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
-
-
-def expand_braces(pattern: str) -> List[str]:
-  """Expands `{a,b}` lists and `{000..127}` zero-padded ranges, innermost first."""
-  match = _BRACE.search(pattern)
-  if match is None:
-    return [pattern]
-  body = match.group(1)
-  numeric = _RANGE.match(body)
-  if numeric:
-    lo, hi = numeric.groups()
-    width = len(lo) if lo.lstrip("-").startswith("0") or len(lo) == len(hi) else 0
-    step = 1 if int(hi) >= int(lo) else -1
-    options = [str(i).zfill(width) for i in range(int(lo), int(hi) + step, step)]
-  else:
-    options = body.split(",")
-  out = []
-  for option in options:
-    out.extend(expand_braces(pattern[:match.start()] + option + pattern[match.end():]))
-  return out
-
-
-def expand_patterns(patterns: str | Sequence[str]) -> List[str]:
-  """Shard paths named by comma-free patterns: brace expansion, then tf.io.gfile.glob.
-
-  Args:
-    patterns: one pattern or several. A path without glob characters is kept even if it does not
-      exist (the reader then counts it as an unreadable shard); a glob must match something.
-
-  Returns:
-    The paths in pattern order (each glob's matches sorted), duplicates removed.
-
-  Raises:
-    FileNotFoundError: a glob matched no file.
-  """
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  out: Dict[str, None] = {}
-  for pattern in patterns:
-    for path in expand_braces(pattern):
-      if any(c in path for c in "*?["):
-        matches = sorted(tf.io.gfile.glob(path))
-        if not matches:
-          raise FileNotFoundError(f"Shard pattern {path!r} (from {pattern!r}) matched no file.")
-        out.update(dict.fromkeys(matches))
-      else:
-        out[path] = None
-  return list(out)
-
-
 def split_key(name: str) -> Tuple[str, str]:
   """webdataset's rule: the key is the member path up to the first dot of its file name."""
   directory, base = posixpath.split(name)
@@ -266,7 +215,7 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
     (uint8 [R, R, 3]; zeros unless kept), original_size and crop_offset (int32 [2]).
   """
   if not files:
-    raise ValueError("No shards to read.")
+    raise UserInputError("No shards to read.")
   generator = functools.partial(_shard_records, prep=prep)
   ds = tf.data.Dataset.from_tensor_slices((list(files), np.arange(len(files), dtype=np.int32)))
   ds = ds.interleave(
@@ -360,26 +309,19 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
   (stage 2) and required only then.
 
   Returns:
-    A `latent_shards.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}.
+    A `shard_reading.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}.
   """
-  import jax
-  from latent_diffusion_jax.data.latent_shards import ResumableBatches
-  pi = jax.process_index() if process_index is None else process_index
-  pc = jax.process_count() if process_count is None else process_count
-  if global_batch % pc:
-    raise ValueError(f"Global batch {global_batch} is not divisible by {pc} processes.")
   if not config.data.webdataset:
-    raise ValueError("data.kind='webdataset' needs data.webdataset: tar shards as a path, glob or "
+    raise UserInputError("data.kind='webdataset' needs data.webdataset: tar shards as a path, glob or "
                      "brace pattern.")
   files = expand_patterns(config.data.webdataset)
-  if len(files) < pc:
-    raise ValueError(f"{len(files)} tar shards cannot feed {pc} hosts (one file each at least).")
+  pi, pc, mine = host_files(files, global_batch, "tar shards", process_index, process_count)
   prep = dataclasses.replace(Preprocessing.from_config(config), resolution=config.model.image_size,
                              require_caption=tokenizer is not None)
   max_length = config.model.text_encoder.max_length
 
   def make_dataset(start_batch: int) -> tf.data.Dataset:
-    return training_dataset(files[pi::pc], prep, local_batch=global_batch // pc, seed=config.seed,
+    return training_dataset(mine, prep, local_batch=global_batch // pc, seed=config.seed,
                             start_batch=start_batch, shuffle_buffer=config.data.shuffle_buffer,
                             parallel_shards=config.encode.parallel_shards
                             ).prefetch(config.data.prefetch)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from latent_diffusion_jax.diffusion import schedules
+from latent_diffusion_jax.core.errors import UserInputError
 
 # diffusers' names, so scheduler/model configs can be shared verbatim.
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -18,7 +19,7 @@ LOSS_WEIGHTINGS = ("uniform", "min_snr")
 
 def _check_prediction_type(prediction_type: str) -> None:
   if prediction_type not in PREDICTION_TYPES:
-    raise ValueError(
+    raise UserInputError(
         f"Unknown prediction_type {prediction_type!r}; valid types are {PREDICTION_TYPES}.")
 
 
@@ -118,7 +119,7 @@ def loss_weights(weighting: str, prediction_type: str,
   """
   _check_prediction_type(prediction_type)
   if weighting not in LOSS_WEIGHTINGS:
-    raise ValueError(f"Unknown loss weighting {weighting!r}; valid ones are {LOSS_WEIGHTINGS}.")
+    raise UserInputError(f"Unknown loss weighting {weighting!r}; valid ones are {LOSS_WEIGHTINGS}.")
   if weighting == "uniform":
     return jnp.ones(t.shape, jnp.float32)
   snr = schedules.snr(schedule, t)
@@ -150,7 +151,7 @@ def sample_noise(rng: jax.Array, shape: tuple[int, ...], offset_noise: float = 0
     Noise of the given shape and dtype.
   """
   if len(shape) < 2:
-    raise ValueError(f"sample_noise needs a [B, ..., C] shape, got {shape}.")
+    raise UserInputError(f"sample_noise needs a [B, ..., C] shape, got {shape}.")
   noise_rng, offset_rng = jax.random.split(rng)
   noise = jax.random.normal(noise_rng, shape, jnp.float32)
   if offset_noise:

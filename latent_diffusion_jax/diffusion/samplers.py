@@ -26,6 +26,7 @@ import numpy as np
 from latent_diffusion_jax.diffusion import objectives
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.diffusion import timesteps as timesteps_lib
+from latent_diffusion_jax.core.errors import UserInputError
 
 # denoise_fn(x_t [B, ...], t [B] int32) -> model output shaped like x_t.
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
@@ -127,7 +128,7 @@ def ddim_step(schedule: schedules.NoiseSchedule, model_output: jnp.ndarray,
   if _is_zero(eta):
     return x_prev
   if noise is None:
-    raise ValueError("ddim_step with eta != 0 needs `noise`.")
+    raise UserInputError("ddim_step with eta != 0 needs `noise`.")
   return x_prev + std * noise
 
 
@@ -156,7 +157,7 @@ def dpm_solver_sigmas(schedule: schedules.NoiseSchedule, timesteps: np.ndarray,
     float32 [len(timesteps) + 1] sigmas.
   """
   if final_sigmas_type not in ("zero", "sigma_min"):
-    raise ValueError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}.")
+    raise UserInputError(f"final_sigmas_type must be 'zero' or 'sigma_min', got {final_sigmas_type!r}.")
   acp = schedule.alphas_cumprod
   # A zero-terminal-SNR schedule has acp[-1] == 0, i.e. infinite sigma;
   # diffusers substitutes 2**-24 and so do we.
@@ -211,7 +212,7 @@ def _ancestral_loop(step_fn, denoise_fn: DenoiseFn, x_T: jnp.ndarray,
                     prev_ts: np.ndarray, needs_noise: bool) -> jnp.ndarray:
   """Runs x <- step_fn(output, x, t, prev_t, noise) over the timesteps."""
   if needs_noise and rng is None:
-    raise ValueError("This sampler is stochastic and needs an rng key.")
+    raise UserInputError("This sampler is stochastic and needs an rng key.")
   ts_arr = jnp.asarray(ts, jnp.int32)
   prev_arr = jnp.asarray(prev_ts, jnp.int32)
 
@@ -296,12 +297,12 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.NoiseSchedule,
     The final sample x_0, shaped and typed like x_T.
   """
   if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers are {SAMPLERS}.")
+    raise UserInputError(f"Unknown sampler {sampler!r}; valid samplers are {SAMPLERS}.")
   if prediction_type not in objectives.PREDICTION_TYPES:
-    raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid types are "
+    raise UserInputError(f"Unknown prediction_type {prediction_type!r}; valid types are "
                      f"{objectives.PREDICTION_TYPES}.")
   if sampler != "ddim" and not _is_zero(eta):
-    raise ValueError(f"eta is a DDIM option; sampler {sampler!r} needs eta=0.")
+    raise UserInputError(f"eta is a DDIM option; sampler {sampler!r} needs eta=0.")
   spacing = timestep_spacing or _DEFAULT_SPACING[sampler]
   num_train = schedule.num_timesteps
 

@@ -12,6 +12,7 @@ import math
 import flax.struct
 import jax.numpy as jnp
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 SCHEDULE_KINDS = ("linear", "scaled_linear", "cosine")
 # diffusers' name for the cosine schedule; accepted so configs can be shared.
@@ -106,13 +107,13 @@ def make_schedule(
   """
   canonical = _KIND_ALIASES.get(kind, kind)
   if canonical not in SCHEDULE_KINDS:
-    raise ValueError(
+    raise UserInputError(
         f"Unknown noise schedule kind {kind!r}; valid kinds are {SCHEDULE_KINDS} "
         f"(or the alias 'squaredcos_cap_v2' for 'cosine').")
   if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, (int, np.integer)):
-    raise ValueError(f"num_timesteps must be an int, got {num_timesteps!r}.")
+    raise UserInputError(f"num_timesteps must be an int, got {num_timesteps!r}.")
   if num_timesteps < 2:
-    raise ValueError(f"num_timesteps must be at least 2, got {num_timesteps}.")
+    raise UserInputError(f"num_timesteps must be at least 2, got {num_timesteps}.")
 
   if canonical == "linear":
     betas = np.linspace(beta_start, beta_end, num_timesteps, dtype=np.float64)

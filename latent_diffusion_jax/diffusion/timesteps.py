@@ -9,16 +9,17 @@ Timesteps are static: they become constants of the compiled sampling loop.
 from __future__ import annotations
 
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def _check_args(num_train_timesteps: int, num_steps: int, timestep_spacing: str) -> None:
   if timestep_spacing not in TIMESTEP_SPACINGS:
-    raise ValueError(
+    raise UserInputError(
         f"Unknown timestep_spacing {timestep_spacing!r}; valid ones are {TIMESTEP_SPACINGS}.")
   if not 1 <= num_steps <= num_train_timesteps:
-    raise ValueError(
+    raise UserInputError(
         f"num_steps must be in [1, {num_train_timesteps}] (the number of training "
         f"timesteps), got {num_steps}.")
 
@@ -90,7 +91,7 @@ def _checked(ts: np.ndarray, num_train_timesteps: int) -> np.ndarray:
   # A large steps_offset can push "leading" timesteps past the table, where
   # a jnp gather would silently clamp instead of failing.
   if ts.max() >= num_train_timesteps:
-    raise ValueError(
+    raise UserInputError(
         f"Timestep {ts.max()} is out of range for {num_train_timesteps} training timesteps; "
         "lower steps_offset.")
   return ts

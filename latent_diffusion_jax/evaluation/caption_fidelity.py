@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from latent_diffusion_jax.data import shapes
+from latent_diffusion_jax.core.errors import UserInputError
 
 NONE = "none"
 ATTRIBUTES = ("color", "position", "shape")
@@ -110,7 +111,7 @@ def caption_fidelity(images: np.ndarray | Sequence[np.ndarray],
     "expected" and "detected" attributes and a bool for each accuracy key.
   """
   if len(images) != len(attributes):
-    raise ValueError(f"Got {len(images)} images but {len(attributes)} attribute sets")
+    raise UserInputError(f"Got {len(images)} images but {len(attributes)} attribute sets")
   per_example = []
   for image, expected in zip(images, attributes):
     detected = detect(np.asarray(image))
@@ -156,7 +157,7 @@ def _cumulants(mass: np.ndarray) -> Tuple[float, float, float, float]:
 def _to_float255(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3:
-    raise ValueError(f"Expected an [H, W, 3] image, got shape {image.shape}")
+    raise UserInputError(f"Expected an [H, W, 3] image, got shape {image.shape}")
   if np.issubdtype(image.dtype, np.integer):
     return image.astype(np.float32)
   return np.clip(image.astype(np.float32), 0.0, 1.0) * 255.0

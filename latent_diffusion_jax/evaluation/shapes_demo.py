@@ -32,8 +32,8 @@ def evaluate(bundle, *, images_per_combination: int = 8, seed: int = 1234, num_s
              guidance_scale: float = 3.0, sampler: str = "ddim",
              out_dir: Optional[str] = None) -> Dict[str, Any]:
   """Samples the held-out captions and scores them; writes images and scores to `out_dir`."""
-  from latent_diffusion_jax.images import save_images
-  from latent_diffusion_jax.sampling import generate
+  from latent_diffusion_jax.core.images import save_images
+  from latent_diffusion_jax.sampling.generation import generate
   prompts, attributes = held_out_prompts(images_per_combination)
   t0 = time.perf_counter()
   images = generate(bundle, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
@@ -62,12 +62,12 @@ _MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.0,
 
 def main(argv):
   del argv
-  from latent_diffusion_jax.logs import quiet_libraries
-  from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
+  from latent_diffusion_jax.core.logs import quiet_libraries
+  from latent_diffusion_jax.artifacts.loader import Source, load_bundle
   quiet_libraries()
   if not _CHECKPOINT.value:
     raise app.UsageError("--checkpoint (a stage-2 workdir) is required.")
-  bundle = load_bundle_from_workdir(_CHECKPOINT.value)
+  bundle = load_bundle(Source(_CHECKPOINT.value, kind="workdir"))
   scores = evaluate(bundle, images_per_combination=_PER_COMBO.value, seed=_SEED.value,
                     num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, out_dir=_OUT.value)
   logging.info("Scores: %s", scores)

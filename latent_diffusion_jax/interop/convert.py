@@ -10,6 +10,8 @@ import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
 import numpy as np
+
+from latent_diffusion_jax.core.errors import InputFileError
 from flax import traverse_util
 
 # Flax module names that end in _<digit> without being list items in PyTorch.
@@ -17,7 +19,7 @@ _NOT_LIST_ITEMS = frozenset({"linear_1", "linear_2"})
 _LIST_ITEM = re.compile(r"^(.*)_(\d+)$")
 
 
-class WeightImportError(ValueError):
+class WeightImportError(InputFileError):
   """Raised when a PyTorch state dict does not fit the Flax model it is loaded into."""
 
 
@@ -151,6 +153,6 @@ def _unbox(tree: Any) -> Any:
   # local: keeps this module light for tools that only rename keys. parallel.unbox, not flax's,
   # which adds sharding constraints when called under logical axis rules (inside a trainer).
   from flax.core import unfreeze
-  from latent_diffusion_jax.parallel import unbox
+  from latent_diffusion_jax.core.parallel import unbox
   tree = unbox(tree)
   return unfreeze(tree) if hasattr(tree, "unfreeze") else tree

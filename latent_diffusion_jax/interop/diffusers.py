@@ -18,6 +18,7 @@ from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.core.errors import MissingInputError
 
 
 def abstract_unet_params(unet: UNet2DConditionModel, sample_size: int = 8) -> Any:
@@ -72,10 +73,10 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
     **overrides: module overrides such as dtype or attention_impl, applied to all three networks.
   """
   if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No pipeline directory at {directory!r}.")
+    raise MissingInputError(f"No pipeline directory at {directory!r}.")
   for part in ("unet", "vae"):
     if not os.path.isdir(os.path.join(directory, part)):
-      raise FileNotFoundError(f"{directory!r} has no {part}/ subdirectory; is it a diffusers pipeline?")
+      raise MissingInputError(f"{directory!r} has no {part}/ subdirectory; is it a diffusers pipeline?")
   unet, unet_params, unet_cfg = load_unet(os.path.join(directory, "unet"), allow_pickle=allow_pickle, **overrides)
   vae, vae_params, vae_cfg = load_vae(os.path.join(directory, "vae"), allow_pickle=allow_pickle, **overrides)
   text_encoder = text_params = None

@@ -4,6 +4,7 @@ from typing import Any, Dict
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel, heads_per_level
+from latent_diffusion_jax.core.errors import UserInputError
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
 _CROSS_UP, _PLAIN_UP = "CrossAttnUpBlock2D", "UpBlock2D"
@@ -27,7 +28,7 @@ def _check_unsupported(cfg: Dict[str, Any], defaults: Dict[str, Any], what: str)
          if k in cfg and cfg[k] != v and not (isinstance(v, bool) and cfg[k] in (None, v))
          and not (isinstance(cfg[k], (list, tuple)) and all(x == v for x in cfg[k]))}
   if bad:
-    raise ValueError(f"{what} uses options this package does not implement: {bad}.")
+    raise UserInputError(f"{what} uses options this package does not implement: {bad}.")
 
 
 def unet_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> UNet2DConditionModel:
@@ -39,16 +40,16 @@ def unet_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> UNet2DCondit
   down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
   known_down, known_up = {_CROSS_DOWN, _PLAIN_DOWN}, {_CROSS_UP, _PLAIN_UP}
   if set(down) - known_down or set(up) - known_up:
-    raise ValueError(f"Unsupported block types {sorted((set(down) - known_down) | (set(up) - known_up))}; "
+    raise UserInputError(f"Unsupported block types {sorted((set(down) - known_down) | (set(up) - known_up))}; "
                      f"supported: {sorted(known_down | known_up)}.")
   attention_levels = tuple(t == _CROSS_DOWN for t in down)
   if tuple(t == _CROSS_UP for t in reversed(up)) != attention_levels:
-    raise ValueError(f"up_block_types {up} do not mirror down_block_types {down}.")
+    raise UserInputError(f"up_block_types {up} do not mirror down_block_types {down}.")
   mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
   if mid not in ("UNetMidBlock2DCrossAttn", None):
-    raise ValueError(f"Unsupported mid_block_type {mid!r}.")
+    raise UserInputError(f"Unsupported mid_block_type {mid!r}.")
   if not isinstance(cfg.get("layers_per_block", 2), int):
-    raise ValueError(f"layers_per_block per level ({cfg['layers_per_block']}) is not supported.")
+    raise UserInputError(f"layers_per_block per level ({cfg['layers_per_block']}) is not supported.")
   # diffusers' attention_head_dim historically holds the number of heads (kept for compatibility).
   heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
   depth = cfg.get("transformer_layers_per_block", 1)
@@ -94,11 +95,11 @@ def unet_to_diffusers_config(unet: UNet2DConditionModel, sample_size: int) -> Di
 def check_autoencoder_blocks(cfg: Dict[str, Any], what: str) -> None:
   """Refuses activations and block types our encoder/decoder (AutoencoderKL, VQModel) lacks."""
   if cfg.get("act_fn", "silu") != "silu":
-    raise ValueError(f"Unsupported {what} act_fn {cfg['act_fn']!r}; only 'silu'.")
+    raise UserInputError(f"Unsupported {what} act_fn {cfg['act_fn']!r}; only 'silu'.")
   bad = [t for t in cfg.get("down_block_types", []) if t != "DownEncoderBlock2D"]
   bad += [t for t in cfg.get("up_block_types", []) if t != "UpDecoderBlock2D"]
   if bad:
-    raise ValueError(f"Unsupported {what} block types {sorted(set(bad))}.")
+    raise UserInputError(f"Unsupported {what} block types {sorted(set(bad))}.")
 
 
 def autoencoder_fields(cfg: Dict[str, Any], latent_channels: int) -> Dict[str, Any]:
@@ -132,7 +133,7 @@ def vae_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> AutoencoderKL
   """Builds our AutoencoderKL from a diffusers `AutoencoderKL` config dict."""
   check_autoencoder_blocks(cfg, "VAE")
   if cfg.get("use_post_quant_conv", True) != cfg.get("use_quant_conv", True):
-    raise ValueError("use_quant_conv and use_post_quant_conv must agree.")
+    raise UserInputError("use_quant_conv and use_post_quant_conv must agree.")
   kwargs = dict(autoencoder_fields(cfg, latent_channels=4),
                 use_quant_conv=cfg.get("use_quant_conv", True))
   kwargs.update(overrides)

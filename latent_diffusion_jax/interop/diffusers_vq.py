@@ -21,6 +21,7 @@ from latent_diffusion_jax.interop.diffusers_config import (autoencoder_config, a
 from latent_diffusion_jax.interop.export_diffusers import cast_state_dict, numpy_dtype, save_safetensors
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.vq import VQModel
+from latent_diffusion_jax.core.errors import UserInputError
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -29,9 +30,9 @@ def vq_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> VQModel:
   """Builds our VQModel from a diffusers `VQModel` config dict (overrides: dtype, attention_impl)."""
   check_autoencoder_blocks(cfg, "VQModel")
   if cfg.get("norm_type", "group") != "group":
-    raise ValueError(f"Unsupported VQModel norm_type {cfg['norm_type']!r} (MoVQ); only 'group'.")
+    raise UserInputError(f"Unsupported VQModel norm_type {cfg['norm_type']!r} (MoVQ); only 'group'.")
   if cfg.get("lookup_from_codebook", False):
-    raise ValueError("VQModel lookup_from_codebook=True (decoding from indices) is not supported.")
+    raise UserInputError("VQModel lookup_from_codebook=True (decoding from indices) is not supported.")
   kwargs = autoencoder_fields(cfg, latent_channels=3)
   kwargs.update(num_vq_embeddings=cfg.get("num_vq_embeddings", 256),
                 vq_embed_dim=cfg.get("vq_embed_dim") or kwargs["latent_channels"])

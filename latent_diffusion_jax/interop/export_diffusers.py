@@ -19,6 +19,7 @@ from latent_diffusion_jax.interop.convert import flax_to_torch
 from latent_diffusion_jax.interop.diffusers_config import (unet_to_diffusers_config,
                                                            vae_to_diffusers_config)
 from latent_diffusion_jax.models.bundle import ModelBundle
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 # Our sampler names -> the diffusers scheduler that reproduces them (diffusion/samplers.py).
@@ -28,14 +29,14 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 
 
-class ExportError(ValueError):
+class ExportError(UserInputError):
   """Raised when a bundle cannot be written in the requested format; the message says which can."""
 
 
 def numpy_dtype(name: str) -> Any:
   """The numpy dtype of a dtype name ("float32", "float16" or "bfloat16")."""
   if name not in DTYPES:
-    raise ValueError(f"Unknown export dtype {name!r}; valid: {', '.join(DTYPES)}.")
+    raise UserInputError(f"Unknown export dtype {name!r}; valid: {', '.join(DTYPES)}.")
   return DTYPES[name]
 
 
@@ -98,7 +99,7 @@ def copy_tokenizer(source: str, dest: str, max_length: Optional[int] = None) -> 
   encoder's sequence length or prompts come out longer than its learned positions.
   """
   if not os.path.isdir(source):
-    raise FileNotFoundError(f"The bundle's tokenizer directory {source!r} does not exist.")
+    raise MissingInputError(f"The bundle's tokenizer directory {source!r} does not exist.")
   os.makedirs(dest, exist_ok=True)
   for name in sorted(os.listdir(source)):
     if os.path.isfile(os.path.join(source, name)):
@@ -131,7 +132,7 @@ def scheduler_config(diffusion: Mapping[str, Any], scheduler: str = "ddim") -> d
     A config dict for the matching diffusers scheduler class.
   """
   if scheduler not in SCHEDULERS:
-    raise ValueError(f"Unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}.")
+    raise UserInputError(f"Unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}.")
   kind = diffusion.get("schedule", "scaled_linear")
   if kind not in _BETA_SCHEDULES:
     raise ExportError(f"Noise schedule {kind!r} has no diffusers equivalent; "

@@ -5,13 +5,14 @@ import os
 from typing import Dict, Sequence
 
 import numpy as np
+from latent_diffusion_jax.core.errors import InputFileError, MissingInputError, UserInputError
 
 _PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 _SAFETENSORS_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 _INDEX_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
-class PickleRefusedError(ValueError):
+class PickleRefusedError(InputFileError):
   """Raised for a pickle checkpoint when loading pickles was not explicitly allowed."""
 
 
@@ -59,7 +60,7 @@ def load_state_dict(path: str, *, allow_pickle: bool = False,
     PyTorch key -> numpy array.
   """
   if not os.path.exists(path):
-    raise FileNotFoundError(f"No weights at {path!r}: the path does not exist.")
+    raise MissingInputError(f"No weights at {path!r}: the path does not exist.")
   if os.path.isdir(path):
     for name in names:
       if os.path.isfile(os.path.join(path, name)):
@@ -78,7 +79,7 @@ def load_state_dict(path: str, *, allow_pickle: bool = False,
       if not allow_pickle:
         raise PickleRefusedError(_pickle_message(os.path.join(path, pickles[0])))
       return _read_pickle(os.path.join(path, pickles[0]))
-    raise FileNotFoundError(
+    raise MissingInputError(
         f"No weights in directory {path!r}: expected one of {list(names) + list(_INDEX_NAMES)}; "
         f"found {sorted(os.listdir(path))}.")
   if path.endswith(".safetensors"):
@@ -87,7 +88,7 @@ def load_state_dict(path: str, *, allow_pickle: bool = False,
     if not allow_pickle:
       raise PickleRefusedError(_pickle_message(path))
     return _read_pickle(path)
-  raise ValueError(f"Unknown weights format for {path!r}: expected .safetensors "
+  raise UserInputError(f"Unknown weights format for {path!r}: expected .safetensors "
                    f"(or {', '.join(_PICKLE_SUFFIXES)} with allow_pickle).")
 
 
@@ -95,6 +96,6 @@ def load_config(directory: str) -> dict:
   """Reads `config.json` of a diffusers/transformers model directory."""
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config.json in {directory!r}; a model directory needs one.")
+    raise MissingInputError(f"No config.json in {directory!r}; a model directory needs one.")
   with open(path) as f:
     return json.load(f)

@@ -30,7 +30,8 @@ from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
-from latent_diffusion_jax.parallel import unbox
+from latent_diffusion_jax.core.parallel import unbox
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 FORMAT = "latent_diffusion_jax.native"
 _CLASSES = {cls.__name__: cls for cls in
@@ -43,7 +44,7 @@ def module_config(module: nn.Module) -> Dict[str, Any]:
   """{"class": name, "fields": {...}} of a module, JSON-ready (dtypes as names)."""
   name = type(module).__name__
   if name not in _CLASSES:
-    raise ValueError(f"The native format does not know module class {name!r}; "
+    raise UserInputError(f"The native format does not know module class {name!r}; "
                      f"known: {sorted(_CLASSES)}.")
   fields = {}
   for f in dataclasses.fields(module):
@@ -57,7 +58,7 @@ def module_config(module: nn.Module) -> Dict[str, Any]:
 def module_from_config(config: Dict[str, Any], **overrides) -> nn.Module:
   """Inverse of `module_config`; `overrides` replace fields (e.g. dtype, attention_impl)."""
   if config["class"] not in _CLASSES:
-    raise ValueError(f"Unknown module class {config['class']!r} in a native config; "
+    raise UserInputError(f"Unknown module class {config['class']!r} in a native config; "
                      f"known: {sorted(_CLASSES)}.")
   fields = {}
   for key, value in config["fields"].items():
@@ -152,11 +153,11 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
   """
   path = os.path.join(out_dir, "config.json")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No native export at {out_dir!r}: {path} does not exist.")
+    raise MissingInputError(f"No native export at {out_dir!r}: {path} does not exist.")
   with open(path) as f:
     config = json.load(f)
   if config.get("format") != FORMAT:
-    raise ValueError(f"{path} is not a native export config (format {config.get('format')!r}, "
+    raise UserInputError(f"{path} is not a native export config (format {config.get('format')!r}, "
                      f"expected {FORMAT!r}).")
   modules, params = {}, {}
   for name in _NETWORKS:

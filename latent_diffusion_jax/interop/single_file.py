@@ -29,7 +29,8 @@ from latent_diffusion_jax.interop.export_diffusers import (ExportError, cast_sta
 from latent_diffusion_jax.interop.files import load_state_dict
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel
-from latent_diffusion_jax.parallel import unbox
+from latent_diffusion_jax.core.parallel import unbox
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 TEXT_LAYOUTS = ("auto", "clip", "open_clip")
 # Buffers and heads of the original checkpoints that our modules do not hold.
@@ -45,7 +46,7 @@ def sidecar_paths(path: str) -> Dict[str, str]:
 def _text_layout(bundle: ModelBundle, text_layout: str) -> Optional[str]:
   te = bundle.text_encoder
   if text_layout not in TEXT_LAYOUTS:
-    raise ValueError(f"Unknown text_layout {text_layout!r}; valid: {', '.join(TEXT_LAYOUTS)}.")
+    raise UserInputError(f"Unknown text_layout {text_layout!r}; valid: {', '.join(TEXT_LAYOUTS)}.")
   if te is None:
     return None
   if not isinstance(te, CLIPTextModel):
@@ -93,7 +94,7 @@ def export_single_file(bundle: ModelBundle, path: str, *, dtype: str = "float32"
       that can hold it.
   """
   if not path.endswith(".safetensors"):
-    raise ValueError(f"Single-file checkpoints are written as .safetensors; got {path!r}.")
+    raise UserInputError(f"Single-file checkpoints are written as .safetensors; got {path!r}.")
   numpy_dtype(dtype)
   layout = _text_layout(bundle, text_layout)
   original = sf_config.original_config(bundle, layout)
@@ -126,12 +127,12 @@ def _read_config(path: str, config_yaml: Optional[str]) -> dict:
       header = _header_config(path)
       if header is not None:
         return header
-      raise FileNotFoundError(
+      raise MissingInputError(
           f"No inference yaml for {path!r}: looked for {config_yaml!r}. Pass config_yaml= "
           "(--config_yaml) with the model's original config, e.g. v1-inference.yaml for SD 1.x or "
           "v2-inference-v.yaml for SD 2.x 768-v.")
   if not os.path.isfile(config_yaml):
-    raise FileNotFoundError(f"No inference yaml at {config_yaml!r}.")
+    raise MissingInputError(f"No inference yaml at {config_yaml!r}.")
   return sf_config.read_yaml(config_yaml)
 
 
@@ -162,7 +163,7 @@ def _split_networks(state_dict: Dict[str, Any], use_ema: bool) -> Dict[str, Dict
     # ldm's LitEma stores "model.diffusion_model.a.b" as "model_ema.diffusion_modelab".
     ema = {k: state_dict.get("model_ema." + k[len("model."):].replace(".", "")) for k in parts["unet"]}
     if any(v is None for v in ema.values()):
-      raise ValueError("use_ema=True, but the checkpoint holds no complete model_ema.* copy of "
+      raise UserInputError("use_ema=True, but the checkpoint holds no complete model_ema.* copy of "
                        "the UNet.")
     parts["unet"] = ema
   return parts
@@ -217,7 +218,7 @@ def load_single_file(path: str, *, config_yaml: Optional[str] = None, allow_pick
     text_params = torch_to_flax(text_sd, text_ref,
                                 what=f"the text encoder (cond_stage_model.*) of {path}")
   elif parts["text"]:
-    raise ValueError(f"{path} holds cond_stage_model.* weights, but its config names no text "
+    raise UserInputError(f"{path} holds cond_stage_model.* weights, but its config names no text "
                      "encoder this package can build.")
 
   if tokenizer_path is None and os.path.isdir(sidecar_paths(path)["tokenizer"]):

@@ -16,6 +16,7 @@ from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel
 from latent_diffusion_jax.models.unet import UNet2DConditionModel, heads_per_level
+from latent_diffusion_jax.core.errors import UserInputError
 
 EXTRAS_KEY = "latent_diffusion_jax"
 _CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
@@ -176,7 +177,7 @@ def read_yaml(path: str) -> dict:
   with open(path, encoding="utf-8") as f:
     config = yaml.safe_load(f)
   if not isinstance(config, dict) or "model" not in config:
-    raise ValueError(f"{path} is no original Stable Diffusion config: it has no top-level 'model'.")
+    raise UserInputError(f"{path} is no original Stable Diffusion config: it has no top-level 'model'.")
   return config
 
 
@@ -188,13 +189,13 @@ def _unet_from_original(p: Mapping[str, Any], extras: Mapping[str, Any],
                         overrides: Mapping[str, Any]) -> UNet2DConditionModel:
   base, mult = int(p["model_channels"]), [int(m) for m in p["channel_mult"]]
   if not isinstance(p.get("num_res_blocks", 2), int):
-    raise ValueError(f"Per-level num_res_blocks {p['num_res_blocks']} is not supported.")
+    raise UserInputError(f"Per-level num_res_blocks {p['num_res_blocks']} is not supported.")
   if p.get("num_classes") == "sequential":
-    raise ValueError("This is an SDXL-style UNet (num_classes: sequential); not supported.")
+    raise UserInputError("This is an SDXL-style UNet (num_classes: sequential); not supported.")
   resolutions = {int(r) for r in p.get("attention_resolutions", [])}
   attention_levels = tuple(2 ** i in resolutions for i in range(len(mult)))
   if any(attention_levels) and not p.get("use_spatial_transformer", False):
-    raise ValueError("UNetModel without use_spatial_transformer (self-attention only) is not "
+    raise UserInputError("UNetModel without use_spatial_transformer (self-attention only) is not "
                      "supported; this package's UNet uses cross-attention transformers.")
   head_channels = int(p.get("num_head_channels", -1))
   context_dim = p.get("context_dim")
@@ -217,12 +218,12 @@ def _vae_from_original(p: Mapping[str, Any], extras: Mapping[str, Any],
                        overrides: Mapping[str, Any]) -> AutoencoderKL:
   dd = p["ddconfig"]
   if dd.get("attn_resolutions"):
-    raise ValueError(f"VAE attention at resolutions {dd['attn_resolutions']} is not supported "
+    raise UserInputError(f"VAE attention at resolutions {dd['attn_resolutions']} is not supported "
                      "(only the mid-block attention is).")
   if not dd.get("double_z", True):
-    raise ValueError("A VAE with double_z: false (no variance output) is not supported.")
+    raise UserInputError("A VAE with double_z: false (no variance output) is not supported.")
   if int(p.get("embed_dim", dd["z_channels"])) != int(dd["z_channels"]):
-    raise ValueError(f"VAE embed_dim {p['embed_dim']} != z_channels {dd['z_channels']} is not "
+    raise UserInputError(f"VAE embed_dim {p['embed_dim']} != z_channels {dd['z_channels']} is not "
                      "supported.")
   kwargs = dict(
       in_channels=int(dd.get("in_channels", 3)), out_channels=int(dd.get("out_ch", 3)),
@@ -251,14 +252,14 @@ def _text_from_original(cond: Any, text_sd: Mapping[str, Any], extras: Mapping[s
     position = prefix + "embeddings.position_embedding.weight"
     fc1, layer_key = prefix + "encoder.layers.0.mlp.fc1.weight", "encoder.layers."
   else:
-    raise ValueError(f"Unsupported cond_stage_config target {target!r}; this package imports "
+    raise UserInputError(f"Unsupported cond_stage_config target {target!r}; this package imports "
                      f"{_CLIP_TARGET} and {_OPEN_CLIP_TARGET}.")
   if extras:
     fields = dict(extras)
   else:
     missing = [k for k in (token, position, fc1) if k not in text_sd]
     if missing:
-      raise ValueError(f"The checkpoint lacks the text encoder weights {missing}.")
+      raise UserInputError(f"The checkpoint lacks the text encoder weights {missing}.")
     vocab, width = np.shape(text_sd[token])
     depth = len({k.split(layer_key)[1].split(".")[0] for k in text_sd if layer_key in k})
     fields = dict(vocab_size=vocab, hidden_size=width, intermediate_size=np.shape(text_sd[fc1])[0],
@@ -268,7 +269,7 @@ def _text_from_original(cond: Any, text_sd: Mapping[str, Any], extras: Mapping[s
                   hidden_act="gelu" if layout == "open_clip" else "quick_gelu", eos_token_id=2,
                   output_layer="last")
     if layout == "clip" and params.get("layer", "last") != "last":
-      raise ValueError(f"FrozenCLIPEmbedder layer {params['layer']!r} is not supported; only 'last'.")
+      raise UserInputError(f"FrozenCLIPEmbedder layer {params['layer']!r} is not supported; only 'last'.")
     if layout == "open_clip" and params.get("layer", "last") == "penultimate":
       arch_depth = _OPEN_CLIP_DEPTH.get(params.get("arch", "ViT-H-14"), depth)
       # The original runs arch_depth - 1 layers; a tower stored without its last layer runs whole.
@@ -294,19 +295,19 @@ def modules_from_original(original: Mapping[str, Any], text_sd: Mapping[str, Any
   """
   mp = original["model"]["params"]
   if "unet_config" not in mp:
-    raise ValueError("The config has no model.params.unet_config (SDXL-style 'network_config' "
+    raise UserInputError("The config has no model.params.unet_config (SDXL-style 'network_config' "
                      "configs are not supported).")
   extras = original.get(EXTRAS_KEY) or {}
   unet = _unet_from_original(mp["unet_config"]["params"], extras.get("unet", {}), overrides)
   if "AutoencoderKL" not in mp["first_stage_config"].get("target", "AutoencoderKL"):
-    raise ValueError(f"Unsupported first stage {mp['first_stage_config']['target']!r}; only "
+    raise UserInputError(f"Unsupported first stage {mp['first_stage_config']['target']!r}; only "
                      "AutoencoderKL.")
   vae = _vae_from_original(mp["first_stage_config"]["params"], extras.get("vae", {}), overrides)
   text, layout = _text_from_original(mp.get("cond_stage_config"), text_sd,
                                      extras.get("text_encoder", {}), overrides)
   schedule = mp.get("beta_schedule", "linear")
   if schedule not in _FROM_LDM_SCHEDULE:
-    raise ValueError(f"Unsupported beta_schedule {schedule!r}; valid: {sorted(_FROM_LDM_SCHEDULE)}.")
+    raise UserInputError(f"Unsupported beta_schedule {schedule!r}; valid: {sorted(_FROM_LDM_SCHEDULE)}.")
   diffusion = {
       "schedule": _FROM_LDM_SCHEDULE[schedule], "num_timesteps": int(mp.get("timesteps", 1000)),
       # ldm's DDPM defaults, for configs that leave them out.

@@ -19,6 +19,7 @@ import numpy as np
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.core.errors import UserInputError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -68,7 +69,7 @@ def check_unet_exportable(unet: UNet2DConditionModel) -> None:
     problems.append(f"block_out_channels {tuple(unet.block_out_channels)} that are not multiples "
                     f"of the first ({base}), i.e. no channel_mult")
   if problems:
-    raise ValueError("This UNet has no original Stable Diffusion (ldm UNetModel) layout: "
+    raise UserInputError("This UNet has no original Stable Diffusion (ldm UNetModel) layout: "
                      + "; ".join(problems) + ". Export it with --format native or diffusers.")
 
 

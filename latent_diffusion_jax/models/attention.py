@@ -13,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from latent_diffusion_jax.core.errors import UserInputError
 
 IMPLEMENTATIONS = ("xla", "jax", "cudnn", "auto")
 
@@ -51,7 +52,7 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     [B, Lq, H, D] in the dtype of `v`.
   """
   if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"Unknown attention implementation {implementation!r}; "
+    raise UserInputError(f"Unknown attention implementation {implementation!r}; "
                      f"valid: {', '.join(IMPLEMENTATIONS)}.")
   if implementation == "auto":
     implementation = "cudnn" if _cudnn_applies(q, mask) else "jax"

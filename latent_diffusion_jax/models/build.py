@@ -9,13 +9,14 @@ import ml_collections as mc
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.core.errors import UserInputError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def dtype_of(name: str) -> Any:
   if name not in _DTYPES:
-    raise ValueError(f"Unknown dtype {name!r}; valid: {sorted(_DTYPES)}.")
+    raise UserInputError(f"Unknown dtype {name!r}; valid: {sorted(_DTYPES)}.")
   return _DTYPES[name]
 
 
@@ -36,6 +37,26 @@ def build_vae(model_cfg: mc.ConfigDict) -> AutoencoderKL:
   return AutoencoderKL(**_fields(model_cfg.vae), **_common(model_cfg))
 
 
+def build_first_stage(config: mc.ConfigDict) -> nn.Module:
+  """The autoencoder of `config.autoencoder.kind`: "kl" (AutoencoderKL) or "vq" (VQModel), shaped
+  by `config.model.vae`."""
+  kind = config.autoencoder.kind
+  if kind == "kl":
+    return build_vae(config.model)
+  if kind == "vq":
+    from latent_diffusion_jax.models.vq import VQModel
+    v, a, m = config.model.vae, config.autoencoder, config.model
+    if not v.use_quant_conv:
+      raise UserInputError("autoencoder.kind='vq' needs model.vae.use_quant_conv=True (VQModel has them).")
+    return VQModel(in_channels=v.in_channels, out_channels=v.out_channels,
+                   block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
+                   latent_channels=v.latent_channels, num_vq_embeddings=a.num_vq_embeddings,
+                   vq_embed_dim=a.vq_embed_dim or None, norm_num_groups=v.norm_num_groups,
+                   mid_block_attention=v.mid_block_attention, attention_impl=m.attention_impl,
+                   dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
+  raise UserInputError(f"Unknown autoencoder.kind {kind!r}; valid: kl, vq.")
+
+
 def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:
   """The conditioner named by `model.text_encoder.kind`, or None for "none"."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
@@ -47,13 +68,13 @@ def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:
                               param_dtype=dtype_of(model_cfg.param_dtype))
   if te.kind == "none":
     return None
-  raise ValueError(f"Unknown text_encoder.kind {te.kind!r}; valid: clip, ldm_transformer, none.")
+  raise UserInputError(f"Unknown text_encoder.kind {te.kind!r}; valid: clip, ldm_transformer, none.")
 
 
 def latent_size(model_cfg: mc.ConfigDict) -> int:
   f = 2 ** (len(model_cfg.vae.block_out_channels) - 1)
   if model_cfg.image_size % f:
-    raise ValueError(f"image_size {model_cfg.image_size} is not divisible by the VAE factor {f}.")
+    raise UserInputError(f"image_size {model_cfg.image_size} is not divisible by the VAE factor {f}.")
   return model_cfg.image_size // f
 
 
@@ -63,24 +84,33 @@ def context_width(model_cfg: mc.ConfigDict) -> int:
           "none": lambda: model_cfg.unet.cross_attention_dim}[te.kind]()
 
 
-def abstract_params(model_cfg: mc.ConfigDict) -> Dict[str, Any]:
-  """Boxed param shapes of each network, via `jax.eval_shape` (nothing is allocated)."""
-  unet, vae, text = build_unet(model_cfg), build_vae(model_cfg), build_text_encoder(model_cfg)
+def abstract_module_params(module: nn.Module, max_length: int = 1) -> Any:
+  """Boxed param shapes of one of our networks (UNet, autoencoder, text encoder), via
+  `jax.eval_shape`: nothing is allocated. `max_length` is a text encoder's sequence length."""
   key = jax.random.key(0)
-  # Param shapes do not depend on spatial size, so the smallest valid input keeps tracing cheap.
-  f = 2 ** (len(model_cfg.vae.block_out_channels) - 1)
-  g = 2 ** (len(model_cfg.unet.block_out_channels) - 1)
-  lat = jnp.zeros((1, g, g, unet.in_channels))
-  ctx = jnp.zeros((1, 1, model_cfg.unet.cross_attention_dim))
-  labels = (jnp.zeros((1,), jnp.int32),) if unet.num_class_embeds else ()
-  out = {
-      "unet": jax.eval_shape(lambda: unet.init(key, lat, jnp.zeros((1,), jnp.int32), ctx, *labels)),
-      "vae": jax.eval_shape(lambda: vae.init(key, jnp.zeros((1, f, f, vae.in_channels)))),
-  }
+  if hasattr(module, "cross_attention_dim"):  # a UNet
+    # Param shapes do not depend on spatial size, so the smallest valid input keeps tracing cheap.
+    g = 2 ** (len(module.block_out_channels) - 1)
+    lat = jnp.zeros((1, g, g, module.in_channels))
+    ctx = jnp.zeros((1, 1, module.cross_attention_dim))
+    labels = (jnp.zeros((1,), jnp.int32),) if module.num_class_embeds else ()
+    init = lambda: module.init(key, lat, jnp.zeros((1,), jnp.int32), ctx, *labels)
+  elif hasattr(module, "downsample_factor"):  # an autoencoder
+    f = module.downsample_factor
+    init = lambda: module.init(key, jnp.zeros((1, f, f, module.in_channels)))
+  else:  # a text encoder
+    init = lambda: module.init(key, jnp.zeros((1, max_length), jnp.int32))
+  return jax.eval_shape(init)["params"]
+
+
+def abstract_params(model_cfg: mc.ConfigDict) -> Dict[str, Any]:
+  """Boxed param shapes of each network of `model_cfg` (nothing is allocated)."""
+  out = {"unet": abstract_module_params(build_unet(model_cfg)),
+         "vae": abstract_module_params(build_vae(model_cfg))}
+  text = build_text_encoder(model_cfg)
   if text is not None:
-    ids = jnp.zeros((1, model_cfg.text_encoder.max_length), jnp.int32)
-    out["text_encoder"] = jax.eval_shape(lambda: text.init(key, ids))
-  return {k: v["params"] for k, v in out.items()}
+    out["text_encoder"] = abstract_module_params(text, model_cfg.text_encoder.max_length)
+  return out
 
 
 def count_params(tree: Any) -> int:

@@ -1,6 +1,6 @@
 """Everything inference and export need of a trained latent diffusion model, in one value.
 
-A bundle comes from our own checkpoints (`training/inference_loading.py`), from a diffusers pipeline
+A bundle comes from our own checkpoints (`artifacts/workdir.py`), from a diffusers pipeline
 directory (`interop/diffusers.py`) or from a single-file checkpoint (`interop/single_file.py`).
 """
 
@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.core.errors import UserInputError
 
 
 @dataclasses.dataclass
@@ -51,6 +52,6 @@ class ModelBundle:
   def encode_text(self, input_ids: jnp.ndarray) -> jnp.ndarray:
     """Token ids [B, L] -> context [B, L, D] for the UNet's cross-attention."""
     if self.text_encoder is None:
-      raise ValueError("This model has no text encoder; it cannot be prompted with text.")
+      raise UserInputError("This model has no text encoder; it cannot be prompted with text.")
     out = self.text_encoder.apply({"params": self.text_encoder_params}, input_ids)
     return out[0] if isinstance(out, tuple) else out

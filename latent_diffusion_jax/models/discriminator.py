@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from latent_diffusion_jax.models import layers
+from latent_diffusion_jax.core.errors import UserInputError
 
 Dtype = Any
 
@@ -62,7 +63,7 @@ class PatchDiscriminator(nn.Module):
       return BatchStatNorm(**kw)
     if self.norm == "group":
       return layers.group_norm(self.norm_num_groups, 1e-5, **kw)
-    raise ValueError(f"Unknown discriminator norm {self.norm!r}; valid: batch, group.")
+    raise UserInputError(f"Unknown discriminator norm {self.norm!r}; valid: batch, group.")
 
   @nn.compact
   def __call__(self, images: jnp.ndarray) -> jnp.ndarray:

@@ -7,7 +7,7 @@ scaled by LPIPS' constants first.
 
 Param tree: `features_<i>` are the convs at torchvision's `vgg16().features[i]` indices and
 `lin_<l>` the heads, so torchvision and LPIPS state dicts map onto it mechanically. The weights
-come from a local file written by `python -m latent_diffusion_jax.models.lpips_convert`.
+come from a local file written by `python -m latent_diffusion_jax.interop.lpips`.
 """
 
 import os
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion_jax.models import layers
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 Dtype = Any
 
@@ -28,7 +29,7 @@ SCALE = (0.458, 0.448, 0.450)
 # torchvision vgg16().features: convs per block; a 2x2 max pool separates blocks.
 _BLOCK_CONVS = (2, 2, 3, 3, 3)
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
-CONVERT_COMMAND = ("python -m latent_diffusion_jax.models.lpips_convert --vgg16 vgg16-397923af.pth "
+CONVERT_COMMAND = ("python -m latent_diffusion_jax.interop.lpips --vgg16 vgg16-397923af.pth "
                    "--lpips vgg.pth --out lpips_vgg.safetensors --allow_pickle")
 
 
@@ -111,12 +112,12 @@ def load_params(path: str, lpips: LPIPS | None = None) -> Any:
   from flax import traverse_util
   from safetensors.numpy import load_file
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(missing_weights_message(path))
+    raise MissingInputError(missing_weights_message(path))
   flat = {tuple(k.split("/")): v for k, v in load_file(path).items()}
   reference = traverse_util.flatten_dict(abstract_params(lpips or LPIPS()))
   problems = sorted("/".join(k) for k in set(reference) ^ set(flat))
   problems += [f"{'/'.join(k)}: file {flat[k].shape} vs model {reference[k].shape}"
                for k in reference if k in flat and tuple(flat[k].shape) != tuple(reference[k].shape)]
   if problems:
-    raise ValueError(f"{path} does not hold the LPIPS params of this network: {problems[:10]}")
+    raise UserInputError(f"{path} does not hold the LPIPS params of this network: {problems[:10]}")
   return traverse_util.unflatten_dict({k: np.asarray(v, np.float32) for k, v in flat.items()})

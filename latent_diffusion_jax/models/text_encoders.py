@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.attention import dot_product_attention
+from latent_diffusion_jax.core.errors import UserInputError
 
 Dtype = Any
 
@@ -39,14 +40,14 @@ def _activation(name: str):
   if name == "gelu":
     # transformers' "gelu" is the exact erf form, not the tanh approximation.
     return lambda x: jax.nn.gelu(x, approximate=False)
-  raise ValueError(f"Unsupported hidden_act {name!r}; supported: {', '.join(ACTIVATIONS)}.")
+  raise UserInputError(f"Unsupported hidden_act {name!r}; supported: {', '.join(ACTIVATIONS)}.")
 
 
 def _check_length(input_ids: jnp.ndarray, max_length: int) -> None:
   if input_ids.ndim != 2:
-    raise ValueError(f"input_ids must be [batch, length] integers; got shape {input_ids.shape}.")
+    raise UserInputError(f"input_ids must be [batch, length] integers; got shape {input_ids.shape}.")
   if input_ids.shape[1] > max_length:
-    raise ValueError(f"Sequence length {input_ids.shape[1]} exceeds the {max_length} learned "
+    raise UserInputError(f"Sequence length {input_ids.shape[1]} exceeds the {max_length} learned "
                      "positions of this text encoder.")
 
 
@@ -190,9 +191,9 @@ class CLIPTextTransformer(_CLIPTextFields):
   @nn.compact
   def __call__(self, input_ids: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
     if self.output_layer not in OUTPUT_LAYERS:
-      raise ValueError(f"Unknown output_layer {self.output_layer!r}; valid: {', '.join(OUTPUT_LAYERS)}.")
+      raise UserInputError(f"Unknown output_layer {self.output_layer!r}; valid: {', '.join(OUTPUT_LAYERS)}.")
     if self.output_layer == "penultimate" and self.num_hidden_layers < 2:
-      raise ValueError("output_layer='penultimate' needs at least 2 hidden layers.")
+      raise UserInputError("output_layer='penultimate' needs at least 2 hidden layers.")
     _check_length(input_ids, self.max_position_embeddings)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     embeddings = _CLIPTextEmbeddings(self.vocab_size, self.hidden_size,
@@ -270,7 +271,7 @@ class CLIPTextModel(_CLIPTextFields):
       config = config["text_config"]
     hidden_act = config.get("hidden_act", "quick_gelu")
     if hidden_act not in ACTIVATIONS:
-      raise ValueError(f"Unsupported hidden_act {hidden_act!r} in the CLIP config; "
+      raise UserInputError(f"Unsupported hidden_act {hidden_act!r} in the CLIP config; "
                        f"supported: {', '.join(ACTIVATIONS)}.")
     # Defaults are transformers' CLIPTextConfig defaults, for keys old configs leave out.
     fields = dict(

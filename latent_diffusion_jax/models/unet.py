@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.blocks import Downsample2D, ResnetBlock2D, Upsample2D
 from latent_diffusion_jax.models.transformer import Transformer2D
+from latent_diffusion_jax.core.errors import UserInputError
 
 Dtype = Any
 IntOrSeq = Union[int, Sequence[int]]
@@ -38,7 +39,7 @@ def _per_level(value: IntOrSeq, levels: int, what: str) -> Tuple[int, ...]:
     return (value,) * levels
   value = tuple(value)
   if len(value) != levels:
-    raise ValueError(f"{what} has {len(value)} entries {value}; expected one per level ({levels}).")
+    raise UserInputError(f"{what} has {len(value)} entries {value}; expected one per level ({levels}).")
   return value
 
 
@@ -46,17 +47,17 @@ def heads_per_level(block_out_channels: Sequence[int], num_heads: Optional[IntOr
                     head_dim: Optional[int]) -> Tuple[Tuple[int, int], ...]:
   """(heads, head_dim) for each level from either a head count (SD 1.x) or a head width (SD 2.x)."""
   if (num_heads is None) == (head_dim is None):
-    raise ValueError(f"Give exactly one of num_heads ({num_heads}) and head_dim ({head_dim}).")
+    raise UserInputError(f"Give exactly one of num_heads ({num_heads}) and head_dim ({head_dim}).")
   out = []
   if head_dim is not None:
     for c in block_out_channels:
       if c % head_dim:
-        raise ValueError(f"head_dim {head_dim} does not divide level width {c}.")
+        raise UserInputError(f"head_dim {head_dim} does not divide level width {c}.")
       out.append((c // head_dim, head_dim))
   else:
     for c, h in zip(block_out_channels, _per_level(num_heads, len(block_out_channels), "num_heads")):
       if c % h:
-        raise ValueError(f"num_heads {h} does not divide level width {c}.")
+        raise UserInputError(f"num_heads {h} does not divide level width {c}.")
       out.append((h, c // h))
   return tuple(out)
 
@@ -175,7 +176,7 @@ class UNet2DConditionModel(nn.Module):
     chans = tuple(self.block_out_channels)
     levels = len(chans)
     if len(self.attention_levels) != levels:
-      raise ValueError(f"attention_levels {tuple(self.attention_levels)} needs one entry per level "
+      raise UserInputError(f"attention_levels {tuple(self.attention_levels)} needs one entry per level "
                        f"of block_out_channels {chans}.")
     heads = heads_per_level(chans, self.num_heads, self.head_dim)
     depth = _per_level(self.transformer_depth, levels, "transformer_depth")
@@ -186,7 +187,7 @@ class UNet2DConditionModel(nn.Module):
     temb = _TimestepMLP(temb_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
     if self.num_class_embeds is not None:
       if class_labels is None:
-        raise ValueError("This UNet has a class embedding (num_class_embeds="
+        raise UserInputError("This UNet has a class embedding (num_class_embeds="
                          f"{self.num_class_embeds}); pass class_labels.")
       temb = temb + layers.embed(self.num_class_embeds, temb_dim, axes=("vocab", "mlp"),
                                  name="class_embedding", **kw)(class_labels)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from latent_diffusion_jax.core.errors import UserInputError
 
 DISC_LOSSES = ("hinge", "vanilla")
 
@@ -46,7 +47,7 @@ def adversarial_losses(kind: str):
     return hinge_d_loss, hinge_g_loss
   if kind == "vanilla":
     return vanilla_d_loss, vanilla_g_loss
-  raise ValueError(f"Unknown autoencoder.disc_loss {kind!r}; valid: {', '.join(DISC_LOSSES)}.")
+  raise UserInputError(f"Unknown autoencoder.disc_loss {kind!r}; valid: {', '.join(DISC_LOSSES)}.")
 
 
 def disc_factor_at(step: jnp.ndarray, start: int, factor: float) -> jnp.ndarray:
@@ -74,7 +75,7 @@ def nll_loss(rec: jnp.ndarray, logvar: jnp.ndarray, reduction: str = "sum") -> j
     return jnp.sum(nll) / rec.shape[0]
   if reduction == "mean":
     return jnp.mean(nll)
-  raise ValueError(f"Unknown reduction {reduction!r}; valid: sum, mean.")
+  raise UserInputError(f"Unknown reduction {reduction!r}; valid: sum, mean.")
 
 
 def adaptive_weight(rec_grad: jnp.ndarray, gan_grad: jnp.ndarray, disc_weight: float,

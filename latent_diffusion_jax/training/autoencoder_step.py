@@ -26,7 +26,7 @@ from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
 from latent_diffusion_jax.models.vq import (VQModel, codebook_statistics, ema_codebook_update)
 from latent_diffusion_jax.training import autoencoder_losses as losses
 from latent_diffusion_jax.training.diffusion_step import images_to_float
-from latent_diffusion_jax.training.image_metrics import psnr
+from latent_diffusion_jax.evaluation.image_metrics import psnr
 from latent_diffusion_jax.training.state import TrainState, global_norm
 from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
 

@@ -20,41 +20,23 @@ import ml_collections as mc
 import numpy as np
 from absl import logging
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.models import build
-from latent_diffusion_jax.training import loop, setup
+from latent_diffusion_jax.core import config as config_lib
+from latent_diffusion_jax.training import loop, startup
 from latent_diffusion_jax.training.autoencoder_step import (AutoencoderTask, AutoencoderTrainState,
                                                             CODEBOOK_PATH, make_optimizer,
                                                             make_train_step, reconstruct,
                                                             scale_latents)
-from latent_diffusion_jax.training.checkpointing import Checkpointer
+from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import images_to_float
-from latent_diffusion_jax.training.image_metrics import psnr, ssim
+from latent_diffusion_jax.evaluation.image_metrics import psnr, ssim
 from latent_diffusion_jax.training.state import learning_rate_schedule
 from latent_diffusion_jax.training.state import make_optimizer as make_base_optimizer
 
-META_KIND = "autoencoder"
-STAGE1_SUMMARY = "stage1.json"
+from latent_diffusion_jax.artifacts.workdir import AUTOENCODER_KIND as META_KIND, STAGE1_SUMMARY
+from latent_diffusion_jax.core.errors import MissingInputError
 GRID_IMAGES = 8
-
-
-def build_first_stage(config: mc.ConfigDict) -> nn.Module:
-  """The autoencoder of `autoencoder.kind`: "kl" (AutoencoderKL) or "vq" (VQModel), shaped by model.vae."""
-  kind = config.autoencoder.kind
-  if kind == "kl":
-    return build.build_vae(config.model)
-  if kind == "vq":
-    from latent_diffusion_jax.models.vq import VQModel
-    v, a, m = config.model.vae, config.autoencoder, config.model
-    if not v.use_quant_conv:
-      raise ValueError("autoencoder.kind='vq' needs model.vae.use_quant_conv=True (VQModel has them).")
-    return VQModel(in_channels=v.in_channels, out_channels=v.out_channels,
-                   block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
-                   latent_channels=v.latent_channels, num_vq_embeddings=a.num_vq_embeddings,
-                   vq_embed_dim=a.vq_embed_dim or None, norm_num_groups=v.norm_num_groups,
-                   mid_block_attention=v.mid_block_attention, attention_impl=m.attention_impl,
-                   dtype=build.dtype_of(m.dtype), param_dtype=build.dtype_of(m.param_dtype))
-  raise ValueError(f"Unknown autoencoder.kind {kind!r}; valid: kl, vq.")
 
 
 def build_task(config: mc.ConfigDict, vae: nn.Module) -> AutoencoderTask:
@@ -125,7 +107,7 @@ def load_lpips_params(config: mc.ConfigDict) -> Any:
   from latent_diffusion_jax.models import lpips
   path = config.autoencoder.lpips_weights
   if not path or not os.path.isfile(path):
-    raise FileNotFoundError(lpips.missing_weights_message(path))
+    raise MissingInputError(lpips.missing_weights_message(path))
   return lpips.load_params(path)
 
 
@@ -163,7 +145,7 @@ def evaluate(vae: nn.Module, params: Any, images: np.ndarray, batch_size: int = 
 
 
 def _grid(originals: np.ndarray, recon: np.ndarray) -> np.ndarray:
-  from latent_diffusion_jax.images import make_grid
+  from latent_diffusion_jax.core.images import make_grid
   to_uint8 = lambda x: np.round((np.clip(np.asarray(x, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
   orig = originals if originals.dtype == np.uint8 else to_uint8(originals)
   return make_grid(np.concatenate([orig, to_uint8(recon)]), ncols=len(orig))
@@ -191,9 +173,9 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   mesh = parallel.create_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-  global_batch = setup.check_batch(config, mesh)
+  global_batch = startup.check_batch(config, mesh)
   lpips_params = load_lpips_params(config)
-  vae = build_first_stage(config)
+  vae = build.build_first_stage(config)
   task = build_task(config, vae)
   tx, lr = build_optimizer(config, task)
   checkpointer = Checkpointer(workdir, save_interval_steps=config.training.checkpoint_every,
@@ -204,13 +186,13 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   held_out = _load_shapes(config, workdir, None, "test")["images"]
   writer = loop.create_writer(workdir)
   with parallel.mesh_context(mesh, rules):
-    state, shardings, data_state, _ = setup.initial_state(
+    state, shardings, data_state, _ = startup.initial_state(
         config, workdir, build_init_fn(config, vae), mesh, rules, checkpointer, {"vae": vae})
     if data_state is not None:
       data_iter.set_state(data_state)
     first = next(batches)
-    step_args = () if lpips_params is None else (setup.put_replicated(lpips_params, mesh),)
-    step_fn = setup.compile_step(
+    step_args = () if lpips_params is None else (startup.put_replicated(lpips_params, mesh),)
+    step_fn = startup.compile_step(
         make_train_step(task, tx, lr, ema_decay=config.optimizer.ema_decay,
                         grad_accum_steps=max(config.optimizer.grad_accum_steps, 1)),
         state, shardings, first, step_args, mesh)
@@ -219,7 +201,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
       yield first
       yield from batches
 
-    meta_value = {"kind": META_KIND, "config": setup.config_to_json(config), "version": _version()}
+    meta_value = {"kind": META_KIND, "config": config_lib.config_to_json(config), "version": _version()}
     hooks = [ReconstructionHook(config, writer, vae, held_out[:64])] \
         if config.training.sample_every > 0 else []
     result = loop.run(

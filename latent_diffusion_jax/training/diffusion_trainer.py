@@ -15,19 +15,21 @@ import ml_collections as mc
 import numpy as np
 from absl import logging
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models import build
-from latent_diffusion_jax.training import foreign_init
+from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.training import frozen as frozen_lib
-from latent_diffusion_jax.training import loop, setup
-from latent_diffusion_jax.training.checkpointing import Checkpointer
+from latent_diffusion_jax.core import config as config_lib
+from latent_diffusion_jax.training import loop, startup
+from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, encode_latents,
                                                           init_train_state, make_train_step)
 from latent_diffusion_jax.training.state import learning_rate_schedule, make_optimizer
-from latent_diffusion_jax.training.weights_io import save_frozen
+from latent_diffusion_jax.checkpoints.trees import save_frozen
 
-META_KIND = "latent_diffusion"
+from latent_diffusion_jax.artifacts.workdir import DIFFUSION_KIND as META_KIND
+from latent_diffusion_jax.core.errors import UserInputError
 
 
 def make_schedule(config: mc.ConfigDict) -> schedules.NoiseSchedule:
@@ -57,7 +59,7 @@ def build_init_fn(config: mc.ConfigDict, unet, text_encoder, tx):
 def _check_widths(config: mc.ConfigDict) -> None:
   width = build.context_width(config.model)
   if config.model.text_encoder.kind != "none" and width != config.model.unet.cross_attention_dim:
-    raise ValueError(f"model.unet.cross_attention_dim={config.model.unet.cross_attention_dim} must equal "
+    raise UserInputError(f"model.unet.cross_attention_dim={config.model.unet.cross_attention_dim} must equal "
                      f"the text encoder width {width}.")
 
 
@@ -96,7 +98,7 @@ def make_batches(config: mc.ConfigDict, workdir: str, tokenizer, global_batch: i
                        index_log=index_log_path(jax.process_index()) if log_indices else None)
   elif kind == "latent_shards":
     if vae is None:
-      raise ValueError("data.kind='latent_shards' holds latents; training the autoencoder needs "
+      raise UserInputError("data.kind='latent_shards' holds latents; training the autoencoder needs "
                        "images (data.kind='webdataset').")
     from latent_diffusion_jax.data import latent_shards
     it = latent_shards.training_reader(config, global_batch, tokenizer=tokenizer,
@@ -105,7 +107,7 @@ def make_batches(config: mc.ConfigDict, workdir: str, tokenizer, global_batch: i
     from latent_diffusion_jax.data import webdataset
     it = webdataset.training_reader(config, global_batch, tokenizer=tokenizer)
   else:
-    raise ValueError(f"Unknown data.kind {kind!r}; valid: shapes, latent_shards, webdataset.")
+    raise UserInputError(f"Unknown data.kind {kind!r}; valid: shapes, latent_shards, webdataset.")
 
   def gen():
     for local in it:
@@ -119,7 +121,7 @@ def estimate_scale(config, vae, vae_params, batches, mesh) -> float:
   task = DiffusionTask(unet=None, vae=vae, text_encoder=None, text_trainable=False,
                        schedule=None, prediction_type="epsilon")
   # Replicated output: every process reads all latents, so all estimate the same scale.
-  fn = jax.jit(lambda p, b, r: encode_latents(task, p, b, r), out_shardings=setup.replicated(mesh))
+  fn = jax.jit(lambda p, b, r: encode_latents(task, p, b, r), out_shardings=startup.replicated(mesh))
   lats = [jax.device_get(fn(vae_params, b, jax.random.key(i)))
           for i, b in zip(range(config.training.scale_estimate_batches), batches)]
   return frozen_lib.estimate_scale_factor(lats)
@@ -129,7 +131,7 @@ def _frozen_from_pipeline(config: mc.ConfigDict) -> None:
   """Fine-tuning a diffusers pipeline: its vae/ (and CLIP text_encoder/, tokenizer/) fill the
   frozen.* keys the config leaves empty, so they match the imported UNet."""
   keys = ["vae"] + (["text_encoder", "tokenizer"] if config.model.text_encoder.kind == "clip" else [])
-  defaults = foreign_init.pipeline_frozen_defaults(config.training.init_checkpoint, keys)
+  defaults = loader.pipeline_parts(config.training.init_checkpoint, keys)
   for key, path in defaults.items():
     if not config.frozen[key]:
       logging.info("frozen.%s = %s (from training.init_checkpoint)", key, path)
@@ -142,17 +144,17 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   _check_widths(config)
   mesh = parallel.create_mesh(config.mesh.shape)
   rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
-  global_batch = setup.check_batch(config, mesh)
+  global_batch = startup.check_batch(config, mesh)
   logging.info("Mesh %s on %d devices, global batch %d", dict(mesh.shape), jax.device_count(), global_batch)
 
   te_cfg = config.model.text_encoder
   _frozen_from_pipeline(config)
   tokenizer = None
   if te_cfg.kind != "none":
-    from latent_diffusion_jax.data.tokenizers import load_tokenizer
-    tokenizer = load_tokenizer(frozen_lib.prepare_tokenizer(config, workdir))
+    from latent_diffusion_jax.data.tokenizers import load_tokenizer, prepare_run_tokenizer
+    tokenizer = load_tokenizer(prepare_run_tokenizer(config, workdir))
     if te_cfg.kind == "ldm_transformer" and len(tokenizer) > te_cfg.ldm.vocab_size:
-      raise ValueError(f"model.text_encoder.ldm.vocab_size={te_cfg.ldm.vocab_size} is smaller than the "
+      raise UserInputError(f"model.text_encoder.ldm.vocab_size={te_cfg.ldm.vocab_size} is smaller than the "
                        f"tokenizer's {len(tokenizer)} tokens.")
 
   vae, vae_params, stored_scale = frozen_lib.load_vae(config)
@@ -180,7 +182,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
     trained = {"unet": unet}
     if te_cfg.trainable and text_encoder is not None:
       trained["text_encoder"] = text_encoder
-    state, shardings, data_state, meta = setup.initial_state(config, workdir, init_fn, mesh, rules,
+    state, shardings, data_state, meta = startup.initial_state(config, workdir, init_fn, mesh, rules,
                                                              checkpointer, trained)
     if data_state is not None:
       data_iter.set_state(data_state)
@@ -191,7 +193,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
     if tokenizer is not None and d.caption_dropout > 0:
       from latent_diffusion_jax.training.diffusion_step import empty_prompt_ids
       frozen["uncond_ids"] = empty_prompt_ids(tokenizer, te_cfg.max_length)
-    frozen = setup.put_replicated(frozen, mesh)
+    frozen = startup.put_replicated(frozen, mesh)
 
     if meta is not None:
       scale = float(meta["latent_scale_factor"])
@@ -209,9 +211,9 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
     if jax.process_index() == 0:
       save_frozen(workdir, vae_params=vae_params, text_params=text_params)
 
-    step_args = (frozen, setup.device_scalar(scale, mesh))
+    step_args = (frozen, startup.device_scalar(scale, mesh))
     first = next(batches)
-    step_fn = setup.compile_step(
+    step_fn = startup.compile_step(
         make_train_step(task, tx, lr, ema_decay=config.optimizer.ema_decay,
                         grad_accum_steps=max(config.optimizer.grad_accum_steps, 1)),
         state, shardings, first, step_args, mesh)
@@ -220,7 +222,7 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
       yield first
       yield from batches
 
-    meta_value = {"kind": META_KIND, "config": setup.config_to_json(config),
+    meta_value = {"kind": META_KIND, "config": config_lib.config_to_json(config),
                   "latent_scale_factor": scale, "version": _version()}
     writer = loop.create_writer(workdir)
     writer.write_hparams({"global_batch": global_batch, "latent_scale_factor": scale})

@@ -1,11 +1,8 @@
 """Fine-tuning from weights made elsewhere: `training.init_checkpoint` naming foreign weights.
 
-Accepted sources (besides our own workdirs, which `setup.initial_state` restores directly):
-  - a diffusers pipeline directory (`unet/`, `vae/`, `text_encoder/`, ...), or one model's
-    directory (`config.json` of a `UNet2DConditionModel`, `AutoencoderKL` or `VQModel`);
-  - an original-layout single-file checkpoint (`.safetensors`; `.ckpt` only with
-    `frozen.allow_pickle`), its yaml beside it or in its header (see interop/single_file.py);
-  - a directory written by `python -m latent_diffusion_jax.export --format native`.
+Any source the one loader reads (artifacts/loader.py) besides our own workdirs, which
+`startup.initial_state` restores directly: a diffusers pipeline or model directory, an
+original-layout single file (`.ckpt` only with `frozen.allow_pickle`), a native export.
 
 The networks the run trains take the imported values as both params and EMA params; the optimizer
 state, step and RNG start fresh. The config must describe the architecture the weights were made
@@ -14,14 +11,15 @@ builds, and a difference stops the run naming the config key and the value the w
 """
 
 import dataclasses
-import json
-import os
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional
 
 import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
+
+from latent_diffusion_jax.artifacts import loader
+from latent_diffusion_jax.core.errors import UserInputError
 
 # Fields that choose how a module computes, not what its weights mean.
 _RUNTIME_FIELDS = frozenset({"parent", "name", "dtype", "param_dtype", "attention_impl", "remat",
@@ -30,74 +28,6 @@ _RUNTIME_FIELDS = frozenset({"parent", "name", "dtype", "param_dtype", "attentio
 _PER_LEVEL_FIELDS = ("num_heads", "head_dim", "transformer_depth")
 
 _CONFIG_KEYS = {"unet": "model.unet", "vae": "model.vae"}
-
-
-def source_kind(path: str) -> str:
-  """One of "single_file", "native", "diffusers_pipeline", "diffusers_unet", "diffusers_vae",
-  "diffusers_vq"."""
-  if os.path.isfile(path):
-    return "single_file"
-  config_path = os.path.join(path, "config.json")
-  if os.path.isfile(config_path):
-    with open(config_path) as f:
-      cfg = json.load(f)
-    from latent_diffusion_jax.interop.native import FORMAT
-    if cfg.get("format") == FORMAT:
-      return "native"
-    kinds = {"UNet2DConditionModel": "diffusers_unet", "AutoencoderKL": "diffusers_vae",
-             "VQModel": "diffusers_vq"}
-    if cfg.get("_class_name") in kinds:
-      return kinds[cfg["_class_name"]]
-  if os.path.isdir(os.path.join(path, "unet")) or os.path.isdir(os.path.join(path, "vae")):
-    return "diffusers_pipeline"
-  raise ValueError(
-      f"training.init_checkpoint={path!r} is none of: a workdir of this package, a diffusers "
-      "pipeline directory (unet/, vae/), a diffusers UNet2DConditionModel, AutoencoderKL or "
-      "VQModel directory (config.json with _class_name), a single-file checkpoint (.safetensors), or a "
-      "native export (config.json with format latent_diffusion_jax.native).")
-
-
-def pipeline_frozen_defaults(path: str, keys: Sequence[str]) -> Dict[str, str]:
-  """The frozen.* paths (of `keys`) a diffusers pipeline directory at `path` can supply."""
-  if not path or not os.path.isfile(os.path.join(path, "model_index.json")):
-    return {}
-  return {key: os.path.join(path, key) for key in keys if os.path.isdir(os.path.join(path, key))}
-
-
-def _load(path: str, wanted: Sequence[str], allow_pickle: bool) -> Dict[str, Tuple[nn.Module, Any]]:
-  """(module, host params) of each wanted network the source holds."""
-  kind = source_kind(path)
-  found: Dict[str, Tuple[nn.Module, Any]] = {}
-  if kind in ("single_file", "native"):
-    if kind == "single_file":
-      from latent_diffusion_jax.interop.single_file import load_single_file
-      bundle = load_single_file(path, allow_pickle=allow_pickle)
-    else:
-      from latent_diffusion_jax.interop.native import load_native
-      bundle = load_native(path)
-    nets = {"unet": (bundle.unet, bundle.unet_params), "vae": (bundle.vae, bundle.vae_params),
-            "text_encoder": (bundle.text_encoder, bundle.text_encoder_params)}
-    return {k: v for k, v in nets.items() if k in wanted and v[0] is not None}
-  if kind == "diffusers_vq":
-    if "vae" not in wanted:
-      return {}
-    from latent_diffusion_jax.interop.diffusers_vq import load_vq_model
-    module, params, _ = load_vq_model(path, allow_pickle=allow_pickle)
-    return {"vae": (module, params)}
-  from latent_diffusion_jax.interop import diffusers
-  dirs = {"diffusers_unet": {"unet": path}, "diffusers_vae": {"vae": path},
-          "diffusers_pipeline": {k: os.path.join(path, k) for k in ("unet", "vae", "text_encoder")}}[kind]
-  dirs = {k: d for k, d in dirs.items() if k in wanted and os.path.isdir(d)}
-  if "unet" in dirs:
-    module, params, _ = diffusers.load_unet(dirs["unet"], allow_pickle=allow_pickle)
-    found["unet"] = (module, params)
-  if "vae" in dirs:
-    module, params, _ = diffusers.load_vae(dirs["vae"], allow_pickle=allow_pickle)
-    found["vae"] = (module, params)
-  if "text_encoder" in dirs:
-    from latent_diffusion_jax.interop.clip import load_clip_text_model
-    found["text_encoder"] = load_clip_text_model(dirs["text_encoder"], allow_pickle=allow_pickle)
-  return found
 
 
 def _normalized(module: nn.Module) -> Dict[str, Any]:
@@ -118,13 +48,13 @@ def _normalized(module: nn.Module) -> Dict[str, Any]:
 def check_same_architecture(ours: nn.Module, theirs: nn.Module, config_key: str, path: str) -> None:
   """Raises ValueError naming every architectural field where the config and the weights differ."""
   if type(ours) is not type(theirs):
-    raise ValueError(f"{path} holds a {type(theirs).__name__} where {config_key} builds a "
+    raise UserInputError(f"{path} holds a {type(theirs).__name__} where {config_key} builds a "
                      f"{type(ours).__name__}.")
   a, b = _normalized(ours), _normalized(theirs)
   diffs = [f"{config_key}.{k}={a[k]!r} but the weights need {b[k]!r}"
            for k in sorted(a) if a[k] != b.get(k)]
   if diffs:
-    raise ValueError(f"The config does not describe the network stored in {path}: "
+    raise UserInputError(f"The config does not describe the network stored in {path}: "
                      + "; ".join(diffs) + ". Set those keys to the weights' values.")
 
 
@@ -139,7 +69,11 @@ def import_params(path: str, modules: Dict[str, nn.Module], *,
     ValueError: an unrecognised source, a missing required network, or an architecture mismatch.
     WeightImportError, PickleRefusedError: from the interop loaders.
   """
-  found = _load(path, tuple(modules), allow_pickle)
+  try:
+    source = loader.Source(path, allow_pickle=allow_pickle).resolved()
+  except ValueError as e:
+    raise UserInputError(f"training.init_checkpoint: {e}") from None
+  found = loader.load_networks(source, tuple(modules)).networks
   params = {}
   for name, ours in modules.items():
     if name not in found:
@@ -147,7 +81,7 @@ def import_params(path: str, modules: Dict[str, nn.Module], *,
         logging.warning("%s holds no text encoder weights; the trainable conditioner starts from "
                         "its random initialization.", path)
         continue
-      raise ValueError(f"training.init_checkpoint={path!r} holds no {name} weights to fine-tune.")
+      raise UserInputError(f"training.init_checkpoint={path!r} holds no {name} weights to fine-tune.")
     theirs, values = found[name]
     check_same_architecture(ours, theirs, _config_key(name, ours), path)
     params[name] = values
@@ -175,7 +109,7 @@ def place(values: Any, abstract: Any, shardings: Any, what: str) -> Any:
   mismatched = sorted(f"{k}: {np.shape(got[k])} vs {want[k].shape}" for k in set(got) & set(want)
                       if tuple(np.shape(got[k])) != tuple(want[k].shape))
   if missing or unexpected or mismatched:
-    raise ValueError(f"Imported {what} does not fit the train state: missing {missing[:10]}, "
+    raise UserInputError(f"Imported {what} does not fit the train state: missing {missing[:10]}, "
                      f"unexpected {unexpected[:10]}, shape mismatches {mismatched[:10]}.")
   shard_leaves = jax.tree.leaves(shardings)
 

@@ -14,8 +14,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
+from latent_diffusion_jax.core.errors import RunHalted
 
-class NonFiniteLossError(FloatingPointError):
+
+class NonFiniteLossError(RunHalted):
   """Training stopped on a non-finite loss or gradient (nonfinite_policy="halt")."""
 
 

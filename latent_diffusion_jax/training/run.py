@@ -11,7 +11,8 @@ import os
 import ml_collections as mc
 from absl import logging
 
-from latent_diffusion_jax import logs, parallel
+from latent_diffusion_jax.core import logs, parallel
+from latent_diffusion_jax.core.errors import StorageError, UserInputError
 
 
 def check_precision(config: mc.ConfigDict) -> None:
@@ -26,7 +27,7 @@ def check_precision(config: mc.ConfigDict) -> None:
   """
   for key in ("dtype", "param_dtype"):
     if str(config.model.get(key, "float32")) == "float16":
-      raise ValueError(
+      raise UserInputError(
           f"model.{key}='float16' is refused for training: without dynamic loss scaling fp16 "
           "gradients underflow or overflow and the run silently diverges. Use "
           f"--config.model.{key}=bfloat16 (same memory, float32's range); float16 remains fine "
@@ -45,7 +46,7 @@ def start_distributed(config: mc.ConfigDict) -> None:
   process_id = d.get("process_id", -1)
   process_id = None if process_id is None or process_id < 0 else process_id
   if address is not None and (num_processes is None or process_id is None):
-    raise ValueError(f"distributed.coordinator_address={address!r} also needs "
+    raise UserInputError(f"distributed.coordinator_address={address!r} also needs "
                      "distributed.num_processes (the same on every process) and "
                      "distributed.process_id (0 .. num_processes-1, its own on each).")
   if num_processes is not None and num_processes > 1 and d.get("cpu_collectives", ""):
@@ -69,7 +70,7 @@ def check_workdir(workdir: str) -> None:
       f.write("ok")
     os.remove(probe)
   except OSError as e:
-    raise PermissionError(f"workdir {workdir} cannot be created or written ({type(e).__name__}: "
+    raise StorageError(f"workdir {workdir} cannot be created or written ({type(e).__name__}: "
                           f"{e}); choose a writable directory with free space.") from e
 
 
@@ -85,7 +86,7 @@ def run_training(config: mc.ConfigDict, workdir: str) -> dict:
   elif stage == "diffusion":
     from latent_diffusion_jax.training.diffusion_trainer import train
   else:
-    raise ValueError(f"Unknown config.stage {stage!r}; valid: autoencoder, diffusion.")
+    raise UserInputError(f"Unknown config.stage {stage!r}; valid: autoencoder, diffusion.")
   result = train(config, workdir)
   logging.info("Finished at step %d%s", result["step"], " (preempted)" if result["preempted"] else "")
   return result

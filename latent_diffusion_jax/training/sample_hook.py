@@ -27,8 +27,8 @@ class SampleGridHook:
     every = self.config.training.sample_every
     if every <= 0 or step % every:
       return
-    from latent_diffusion_jax.images import make_grid, save_images
-    from latent_diffusion_jax.sampling import generate
+    from latent_diffusion_jax.core.images import make_grid, save_images
+    from latent_diffusion_jax.sampling.generation import generate
     params = state.ema_params if state.ema_params is not None else state.params
     params = jax.device_get(params)
     self.bundle.unet_params = params["unet"]

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mc
 import optax
+from latent_diffusion_jax.core.errors import UserInputError
 
 
 @flax.struct.dataclass
@@ -38,7 +39,7 @@ def learning_rate_schedule(cfg: mc.ConfigDict, num_steps: int) -> optax.Schedule
     after = optax.cosine_decay_schedule(cfg.learning_rate, max(num_steps - cfg.warmup_steps, 1),
                                         alpha=cfg.end_learning_rate_factor)
   else:
-    raise ValueError(f"Unknown optimizer.schedule {cfg.schedule!r}; valid: constant, cosine.")
+    raise UserInputError(f"Unknown optimizer.schedule {cfg.schedule!r}; valid: constant, cosine.")
   return optax.join_schedules([warmup, after], [cfg.warmup_steps])
 
 

@@ -1,7 +1,7 @@
 """Prints each network's parameter count from a config, without allocating weights.
 
-  python -m latent_diffusion_jax.summary --config configs/sd15.py
-  python -m latent_diffusion_jax.summary --config configs/sd21_base.py:768-v
+  python -m latent_diffusion_jax.cli.summary --config configs/sd15.py
+  python -m latent_diffusion_jax.cli.summary --config configs/sd21_base.py:768-v
 """
 
 from absl import app

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 
 def psnr(x: jnp.ndarray, y: jnp.ndarray) -> jnp.ndarray:
@@ -40,7 +41,7 @@ def ssim(x: jnp.ndarray, y: jnp.ndarray, window_size: int = 11, sigma: float = 1
   tf.image.ssim); the SSIM map is averaged over positions and channels.
   """
   if min(x.shape[1:3]) < window_size:
-    raise ValueError(f"SSIM needs images of at least {window_size}x{window_size}; got {x.shape}.")
+    raise UserInputError(f"SSIM needs images of at least {window_size}x{window_size}; got {x.shape}.")
   a = (jnp.clip(x.astype(jnp.float32), -1, 1) + 1.0) / 2.0
   b = (jnp.clip(y.astype(jnp.float32), -1, 1) + 1.0) / 2.0
   window = jnp.asarray(gaussian_window(window_size, sigma))

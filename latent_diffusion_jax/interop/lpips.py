@@ -1,6 +1,6 @@
 """Converts torchvision's VGG16 and the LPIPS v0.1 heads into one safetensors file for `lpips.LPIPS`.
 
-  python -m latent_diffusion_jax.models.lpips_convert --vgg16 vgg16-397923af.pth \
+  python -m latent_diffusion_jax.interop.lpips --vgg16 vgg16-397923af.pth \
       --lpips vgg.pth --out lpips_vgg.safetensors --allow_pickle
 
 Inputs: torchvision's `vgg16(weights="IMAGENET1K_V1").state_dict()` file (`features.<i>.weight`;
@@ -16,6 +16,7 @@ import sys
 from typing import Any, Dict, Mapping, Sequence
 
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 _SLICE_KEY = re.compile(r"^(?:net\.)?slice\d\.(\d+)\.(weight|bias)$")
 _FEATURE_KEY = re.compile(r"^(?:module\.)?features\.(\d+)\.(weight|bias)$")
@@ -39,7 +40,7 @@ def convert(vgg_state_dict: Mapping[str, np.ndarray],
       merged[f"features.{m.group(1)}.{m.group(2)}"] = value
     elif m := _LIN_KEY.match(key):
       if np.any(value < 0):
-        raise ValueError(f"LPIPS head {key} has negative weights; is this an LPIPS v0.1 file?")
+        raise UserInputError(f"LPIPS head {key} has negative weights; is this an LPIPS v0.1 file?")
       # A bias-free 1x1 conv [1, C, 1, 1] is our Dense [C -> 1]: PyTorch linear layout [1, C].
       merged[f"lin.{m.group(1)}.weight"] = value.reshape(value.shape[0], value.shape[1])
   return torch_to_flax(merged, abstract_params(LPIPS()), what="VGG16 + LPIPS heads")
@@ -57,7 +58,7 @@ def save(params: Any, path: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> str:
   parser = argparse.ArgumentParser(
-      prog="python -m latent_diffusion_jax.models.lpips_convert", description=__doc__,
+      prog="python -m latent_diffusion_jax.interop.lpips", description=__doc__,
       formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--vgg16", required=True,
                       help="torchvision VGG16 ImageNet state dict (.pth or .safetensors).")

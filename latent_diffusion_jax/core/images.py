@@ -12,6 +12,7 @@ from typing import Any, Dict, List, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image
+from latent_diffusion_jax.core.errors import UserInputError
 
 _SLUG_MAX_CHARS = 48
 
@@ -45,7 +46,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2,
   """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[0] < 1:
-    raise ValueError(f"make_grid expects images [N, H, W, C] with N >= 1, got {images.shape}.")
+    raise UserInputError(f"make_grid expects images [N, H, W, C] with N >= 1, got {images.shape}.")
   n, h, w, c = images.shape
   ncols = max(1, min(ncols or math.ceil(math.sqrt(n)), n))
   nrows = math.ceil(n / ncols)
@@ -60,7 +61,7 @@ def make_grid(images: np.ndarray, ncols: int | None = None, padding: int = 2,
 
 def _to_pil(image: np.ndarray) -> Image.Image:
   if image.dtype != np.uint8:
-    raise ValueError(f"Images must be uint8 to be written as PNG, got {image.dtype}.")
+    raise UserInputError(f"Images must be uint8 to be written as PNG, got {image.dtype}.")
   return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 
 
@@ -81,7 +82,7 @@ def save_images(images: np.ndarray, out_dir: str, prompts: Sequence[str],
   images = np.asarray(images)
   prompts = list(prompts)
   if images.ndim != 4 or len(prompts) != images.shape[0]:
-    raise ValueError(f"save_images needs images [N, H, W, C] and N prompts; got images "
+    raise UserInputError(f"save_images needs images [N, H, W, C] and N prompts; got images "
                      f"{images.shape} and {len(prompts)} prompts.")
   os.makedirs(out_dir, exist_ok=True)
   digits = max(4, len(str(len(prompts) - 1)))

@@ -5,11 +5,13 @@ Experiment files under `configs/` call `base_config()`, override fields, and ret
 """
 
 import importlib.util
+import json
 import os
 
 import ml_collections as mc
 
-from latent_diffusion_jax.parallel import DEFAULT_LOGICAL_AXIS_RULES
+from latent_diffusion_jax.core.parallel import DEFAULT_LOGICAL_AXIS_RULES
+from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -21,7 +23,7 @@ def parse_arg(arg: str | None, **defaults):
   for item in filter(None, (arg or "").split(",")):
     key, _, value = item.partition("=")
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
+      raise UserInputError(f"Unknown config argument {key!r}; valid: {sorted(defaults)}.")
     if not _:
       out[key] = True
     elif isinstance(defaults[key], bool):
@@ -106,7 +108,7 @@ def base_config() -> mc.ConfigDict:
   c.autoencoder.kl_weight = 1e-6
   # Extra squared-error term on top of L1.
   c.autoencoder.l2_weight = 0.0
-  # LPIPS weight; > 0 needs lpips_weights (python -m latent_diffusion_jax.models.lpips_convert).
+  # LPIPS weight; > 0 needs lpips_weights (python -m latent_diffusion_jax.interop.lpips).
   c.autoencoder.perceptual_weight = 1.0
   # LPIPS VGG16 weights file written by the converter (nothing is downloaded).
   c.autoencoder.lpips_weights = ""
@@ -193,7 +195,7 @@ def base_config() -> mc.ConfigDict:
 
   c.data = mc.ConfigDict()
   # "shapes": the embedded captioned-shapes dataset (generated locally, no download).
-  # "latent_shards": shards written by `python -m latent_diffusion_jax.encode` (data.latent_shards).
+  # "latent_shards": shards written by `python -m latent_diffusion_jax.cli.encode` (data.latent_shards).
   # "webdataset": raw image+caption tar shards (data.webdataset), encoded in every step; small runs.
   c.data.kind = "shapes"
   # latent_shards: a directory or pattern of *.tfrecord files (local or gs://) with manifest.json.
@@ -220,7 +222,7 @@ def base_config() -> mc.ConfigDict:
   c.data.pre_encode = True
 
   c.encode = mc.ConfigDict()
-  # `python -m latent_diffusion_jax.encode`: WebDataset tar shards -> latent shards. Also the
+  # `python -m latent_diffusion_jax.cli.encode`: WebDataset tar shards -> latent shards. Also the
   # preprocessing of data.kind="webdataset".
   # Crop side in pixels; 0 uses model.image_size.
   c.encode.resolution = 0
@@ -340,8 +342,37 @@ def load_config_file(path_and_arg: str) -> mc.ConfigDict:
   """Loads `configs/x.py[:arg]` like `config_flags` does, for tools and tests that take no flags."""
   path, _, arg = path_and_arg.partition(":")
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No config file at {path!r}.")
+    raise MissingInputError(f"No config file at {path!r}.")
   spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def config_to_json(config: mc.ConfigDict) -> str:
+  return config.to_json_best_effort(sort_keys=True)
+
+
+def _tuplify(x):
+  if isinstance(x, list):
+    return tuple(_tuplify(v) for v in x)
+  if isinstance(x, dict):
+    return {k: _tuplify(v) for k, v in x.items()}
+  return x
+
+
+def config_from_json(text: str) -> mc.ConfigDict:
+  """Rebuilds a run's config over the base config (so every key keeps its declared type)."""
+  config = base_config()
+  stored = _tuplify(json.loads(text))
+
+  def merge(dst: mc.ConfigDict, src: dict):
+    for k, v in src.items():
+      if isinstance(v, dict) and k in dst and isinstance(dst[k], mc.ConfigDict):
+        merge(dst[k], v)
+      else:
+        with dst.ignore_type():
+          dst[k] = v
+
+  merge(config, stored)
+  return config

@@ -13,7 +13,6 @@ same image whatever the batch size or device count.
 
 import dataclasses
 import functools
-import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 from absl import logging
@@ -22,10 +21,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 
-from latent_diffusion_jax import parallel
+from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.diffusion import samplers
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models.bundle import ModelBundle
+from latent_diffusion_jax.core.errors import UserInputError
 
 SAMPLERS = samplers.SAMPLERS
 OUTPUT_TYPES = ("uint8", "float")
@@ -110,22 +110,22 @@ class SampleFn:
 
 def _check_sampler_args(sampler: str, num_steps: int, eta: float) -> None:
   if sampler not in SAMPLERS:
-    raise ValueError(f"Unknown sampler {sampler!r}; valid samplers are {', '.join(SAMPLERS)}.")
+    raise UserInputError(f"Unknown sampler {sampler!r}; valid samplers are {', '.join(SAMPLERS)}.")
   if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-    raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+    raise UserInputError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
   if sampler != "ddim" and eta != 0:
-    raise ValueError(f"eta is a DDIM option; sampler {sampler!r} needs eta=0, got {eta}.")
+    raise UserInputError(f"eta is a DDIM option; sampler {sampler!r} needs eta=0, got {eta}.")
 
 
 def _check_supported(bundle: ModelBundle) -> None:
   unet = bundle.unet
   if unet.in_channels != bundle.vae.latent_channels:
-    raise ValueError(
+    raise UserInputError(
         f"The UNet takes {unet.in_channels} input channels but the VAE latent has "
         f"{bundle.vae.latent_channels}: image-conditioned models (inpainting, upscaling) are not "
         "supported by text-to-image sampling.")
   if bundle.text_encoder is not None and unet.num_class_embeds is not None:
-    raise ValueError("Models conditioned on both text and class labels are not supported.")
+    raise UserInputError("Models conditioned on both text and class labels are not supported.")
 
 
 def _model_key(bundle: ModelBundle) -> _Model:
@@ -272,23 +272,23 @@ def _conditioning_inputs(bundle: ModelBundle, prompts: Sequence[str], negative_p
   if bundle.text_encoder is None:
     if bundle.unet.num_class_embeds is None:
       if class_labels is not None:
-        raise ValueError("This model is unconditional; it takes no class_labels.")
+        raise UserInputError("This model is unconditional; it takes no class_labels.")
       return np.zeros((n,), np.int32), None
     if class_labels is None:
-      raise ValueError(f"This model is class-conditional ({bundle.unet.num_class_embeds} "
+      raise UserInputError(f"This model is class-conditional ({bundle.unet.num_class_embeds} "
                        "classes) and has no text encoder: pass class_labels.")
     labels = np.asarray(class_labels, np.int32).reshape(-1)
     if len(labels) != n:
-      raise ValueError(f"Got {len(labels)} class_labels for {n} images.")
+      raise UserInputError(f"Got {len(labels)} class_labels for {n} images.")
     if labels.min() < 0 or labels.max() >= bundle.unet.num_class_embeds:
-      raise ValueError(f"class_labels must lie in [0, {bundle.unet.num_class_embeds}), got "
+      raise UserInputError(f"class_labels must lie in [0, {bundle.unet.num_class_embeds}), got "
                        f"{labels.tolist()}.")
     return labels, None
 
   if class_labels is not None:
-    raise ValueError("This is a text-to-image model; condition it with prompts, not class_labels.")
+    raise UserInputError("This is a text-to-image model; condition it with prompts, not class_labels.")
   if bundle.tokenizer_path is None:
-    raise ValueError("The model has a text encoder but the bundle names no tokenizer "
+    raise UserInputError("The model has a text encoder but the bundle names no tokenizer "
                      "(bundle.tokenizer_path is None); point it at a tokenizer directory.")
   from latent_diffusion_jax.data import tokenizers  # transformers is slow to import
   tokenizer = tokenizers.load_tokenizer(bundle.tokenizer_path)
@@ -297,7 +297,7 @@ def _conditioning_inputs(bundle: ModelBundle, prompts: Sequence[str], negative_p
     return cond, None
   negatives = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
   if len(negatives) != n:
-    raise ValueError(f"Got {len(negatives)} negative prompts for {n} prompts; pass one string or "
+    raise UserInputError(f"Got {len(negatives)} negative prompts for {n} prompts; pass one string or "
                      "one per prompt.")
   return cond, tokenizers.tokenize(tokenizer, negatives, bundle.max_length)
 
@@ -317,7 +317,7 @@ def effective_batch_size(batch_size: Optional[int], num_images: int, shards: int
   One batch shape for all chunks means one compilation; a last chunk that is short is padded.
   """
   if batch_size is not None and batch_size < 1:
-    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    raise UserInputError(f"batch_size must be >= 1, got {batch_size}.")
   wanted = batch_size or _DEFAULT_IMAGES_PER_SHARD * shards
   b = min(wanted, num_images)
   return -(-b // shards) * shards
@@ -389,9 +389,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   prompts = list(prompts)
   n = len(prompts)
   if n == 0:
-    raise ValueError("generate needs at least one prompt.")
+    raise UserInputError("generate needs at least one prompt.")
   if output_type not in OUTPUT_TYPES:
-    raise ValueError(f"Unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}.")
+    raise UserInputError(f"Unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}.")
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
                              guidance_scale=guidance_scale, eta=eta)
   if bundle.text_encoder is None and guidance_scale > 1:
@@ -402,7 +402,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   if initial_latents is not None:
     initial_latents = np.asarray(initial_latents, np.float32)
     if initial_latents.shape != (n, *shape):
-      raise ValueError(f"initial_latents must have shape {(n, *shape)}, got "
+      raise UserInputError(f"initial_latents must have shape {(n, *shape)}, got "
                        f"{initial_latents.shape}.")
 
   mesh = mesh or default_mesh()
@@ -439,116 +439,3 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   if output_type == "float":
     return np.clip(images / 2 + 0.5, 0.0, 1.0).astype(np.float32)
   return to_uint8(images)
-
-
-def read_prompts_file(path: str) -> list:
-  """Prompts from a text file: one per line; blank lines and lines starting with '#' skipped."""
-  with open(path, encoding="utf-8") as f:
-    lines = [line.strip() for line in f]
-  return [line for line in lines if line and not line.startswith("#")]
-
-
-def load_bundle(*, checkpoint: Optional[str] = None, step: Optional[int] = None, ema: bool = True,
-                diffusers: Optional[str] = None, single_file: Optional[str] = None,
-                native: Optional[str] = None, config_yaml: Optional[str] = None,
-                tokenizer: Optional[str] = None, allow_pickle: bool = False) -> tuple:
-  """Loads the model from exactly one source.
-
-  Args:
-    checkpoint: a training workdir holding our Orbax checkpoints.
-    step: the checkpoint step; default the latest.
-    ema: use the EMA parameters of the checkpoint.
-    diffusers: a diffusers pipeline directory.
-    single_file: an original-layout Stable Diffusion checkpoint (.safetensors; .ckpt with
-      `allow_pickle`), read at its `model.diffusion_model.*` weights.
-    native: a directory written by `export --format native`.
-    config_yaml, tokenizer: for `single_file`, its inference yaml and a CLIP tokenizer directory
-      when they are not beside the file (see interop/single_file.py).
-    allow_pickle: accept pickle weight files (they can run code).
-
-  Returns:
-    (bundle, a one-line description of the source for the settings record).
-
-  Raises:
-    ValueError: no source or several sources given; the message names the flags.
-  """
-  sources = {"--checkpoint": checkpoint, "--diffusers": diffusers, "--single_file": single_file,
-             "--native": native}
-  given = [flag for flag, value in sources.items() if value is not None]
-  if len(given) != 1:
-    raise ValueError(f"Give the model with exactly one of --checkpoint WORKDIR (our training "
-                     f"checkpoints), --diffusers DIR, --single_file FILE or --native DIR; got "
-                     f"{given or 'none'}.")
-  if diffusers is not None:
-    from latent_diffusion_jax.interop.diffusers import load_pipeline
-    return load_pipeline(diffusers, allow_pickle=allow_pickle), f"diffusers:{diffusers}"
-  if single_file is not None:
-    from latent_diffusion_jax.interop.single_file import load_single_file
-    bundle = load_single_file(single_file, config_yaml=config_yaml, allow_pickle=allow_pickle,
-                              tokenizer_path=tokenizer)
-    return bundle, f"single_file:{single_file}"
-  if native is not None:
-    from latent_diffusion_jax.interop.native import load_native
-    return load_native(native), f"native:{native}"
-  from latent_diffusion_jax.training.inference_loading import load_bundle_from_workdir
-  bundle = load_bundle_from_workdir(checkpoint, step=step, use_ema=ema)
-  step_name = bundle.metadata.get("step", step if step is not None else "latest")
-  return bundle, f"checkpoint:{checkpoint} step={step_name} ema={ema}"
-
-
-def run_sampling(*, prompts: Sequence[str], out_dir: str, checkpoint: Optional[str] = None,
-                 step: Optional[int] = None, ema: bool = True, diffusers: Optional[str] = None,
-                 single_file: Optional[str] = None, native: Optional[str] = None,
-                 config_yaml: Optional[str] = None, tokenizer: Optional[str] = None,
-                 allow_pickle: bool = False, negative_prompt: str = "",
-                 num_images_per_prompt: int = 1, seed: int = 0, num_steps: int = 50,
-                 guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
-                 batch_size: Optional[int] = None, print_fn: Callable[[str], None] = print):
-  """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
-
-  Args:
-    prompts: the prompts; each one's images are consecutive.
-    out_dir: where `images.save_images` writes the PNGs, the grid and settings.json.
-    checkpoint, step, ema, diffusers, single_file, native, config_yaml, tokenizer, allow_pickle:
-      the model source, see `load_bundle`.
-    negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size: see `generate`.
-    num_images_per_prompt: images per prompt (different seeds of the per-image noise).
-    print_fn: progress lines go here.
-
-  Returns:
-    `images.SavedImages` with the written paths.
-  """
-  from latent_diffusion_jax import images as images_lib
-  prompts = list(prompts)
-  if not prompts:
-    raise ValueError("No prompts: pass --prompt (repeatable) or --prompts_file.")
-  if num_images_per_prompt < 1:
-    raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
-  # Fail on bad settings before spending time on loading the model.
-  _check_sampler_args(sampler, num_steps, eta)
-  bundle, source = load_bundle(checkpoint=checkpoint, step=step, ema=ema, diffusers=diffusers,
-                               single_file=single_file, native=native, config_yaml=config_yaml,
-                               tokenizer=tokenizer, allow_pickle=allow_pickle)
-  all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-  print_fn(f"Sampling {len(all_prompts)} images of {bundle.image_size}px from {source} "
-           f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
-
-  clock = {"last": time.perf_counter()}
-
-  def progress(done: int, total: int, count: int) -> None:
-    now = time.perf_counter()
-    rate = count / max(now - clock["last"], 1e-9)
-    clock["last"] = now
-    note = " (includes compilation)" if done == 1 else ""
-    print_fn(f"batch {done}/{total}: {count} images, {rate:.2f} images/s{note}")
-
-  images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
-                    num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    batch_size=batch_size, progress_fn=progress)
-  settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
-                  eta=eta, negative_prompt=negative_prompt,
-                  num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
-                  image_size=bundle.image_size, source=source)
-  saved = images_lib.save_images(images, out_dir, all_prompts, settings)
-  print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
-  return saved

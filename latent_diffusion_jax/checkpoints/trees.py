@@ -5,6 +5,7 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 from flax import traverse_util
+from latent_diffusion_jax.core.errors import MissingInputError
 
 FROZEN_SUBDIR = "frozen"
 
@@ -24,7 +25,7 @@ def save_tree(path: str, tree: Any, metadata: Optional[Dict[str, str]] = None) -
 def load_tree(path: str) -> Dict[str, Any]:
   from latent_diffusion_jax.interop.files import load_state_dict
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"No weights file {path!r}.")
+    raise MissingInputError(f"No weights file {path!r}.")
   return traverse_util.unflatten_dict(load_state_dict(path), sep="/")
 
 

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 import numpy as np
+from latent_diffusion_jax.core.errors import UserInputError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # The batch dimension is split over both data-parallel flavours.
@@ -64,18 +65,18 @@ def _normalize_mesh_shape(mesh_shape: Any) -> Tuple[int, ...]:
     shape = dict(mesh_shape.items())
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
-      raise ValueError(f"mesh shape {shape} has unknown axes {unknown}; axes are {MESH_AXES}.")
+      raise UserInputError(f"mesh shape {shape} has unknown axes {unknown}; axes are {MESH_AXES}.")
     sizes = tuple(int(shape.get(name, 1)) for name in MESH_AXES)
   else:
     sizes = tuple(int(s) for s in mesh_shape)
     if not 1 <= len(sizes) <= len(MESH_AXES):
-      raise ValueError(f"mesh shape {tuple(mesh_shape)} must give 1 to {len(MESH_AXES)} sizes for "
+      raise UserInputError(f"mesh shape {tuple(mesh_shape)} must give 1 to {len(MESH_AXES)} sizes for "
                        f"axes {MESH_AXES}.")
     sizes = sizes + (1,) * (len(MESH_AXES) - len(sizes))
   if any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1.")
+    raise UserInputError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: sizes must be positive or -1.")
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
+    raise UserInputError(f"mesh shape {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1.")
   return sizes
 
 
@@ -95,7 +96,7 @@ def _resolve_sizes(sizes: Tuple[int, ...], num_devices: int) -> Tuple[int, ...]:
   if -1 not in sizes and known == num_devices:
     return sizes
   relation = "does not divide" if -1 in sizes else "does not equal"
-  raise ValueError(
+  raise UserInputError(
       f"mesh shape {requested}: the product of the fixed sizes ({known}) {relation} the device "
       f"count {num_devices}. Valid alternatives include {_alternatives(sizes, num_devices)} "
       f"(or put -1 on one axis to fill it).")
@@ -239,7 +240,7 @@ def create_sharded_state(init_fn: Callable[..., Any], *args: Any, mesh: Mesh,
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   """Splits dimension 0 of an `ndim`-dimensional batch array over ("data", "fsdp")."""
   if ndim < 1:
-    raise ValueError(f"a batch array needs a leading batch dimension; got ndim={ndim}.")
+    raise UserInputError(f"a batch array needs a leading batch dimension; got ndim={ndim}.")
   axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
   return NamedSharding(mesh, PartitionSpec(axes or None, *(None,) * (ndim - 1)))
 
@@ -277,10 +278,10 @@ def global_batch(local_batch: Any, mesh: Mesh) -> Any:
   def one(x):
     x = np.asarray(x)
     if x.ndim == 0:
-      raise ValueError("batch arrays need a leading batch dimension; got a scalar.")
+      raise UserInputError("batch arrays need a leading batch dimension; got a scalar.")
     rows = x.shape[0]
     if rows % local:
-      raise ValueError(
+      raise UserInputError(
           f"global batch size {rows * num_proc} (per-process {rows} x {num_proc} processes; array "
           f"shape {x.shape}) is not divisible by data*fsdp = {sizes} = {total}; this process "
           f"holds {local} batch shards.")

@@ -1,6 +1,6 @@
 """Pre-encodes WebDataset image+caption tar shards into latent shards for stage-2 training.
 
-  python -m latent_diffusion_jax.encode --config configs/sd15.py \
+  python -m latent_diffusion_jax.cli.encode --config configs/sd15.py \
       --config.frozen.vae=/models/sd15/vae --config.frozen.tokenizer=/models/sd15/tokenizer \
       --input 'gs://bucket/laion/{00000..00127}.tar' --output gs://bucket/laion-latents-512
 
@@ -13,8 +13,9 @@ it resumes (finished output shards are skipped). Settings: the config's `encode`
 from absl import app, flags
 from ml_collections import config_flags
 
-from latent_diffusion_jax import logs, parallel
+from latent_diffusion_jax.core import logs, parallel
 from latent_diffusion_jax.data import encoder_job
+from latent_diffusion_jax.training import frozen
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -30,7 +31,7 @@ def main(argv):
   logs.quiet_libraries()
   parallel.initialize_distributed()
   encoder_job.plan_inputs(_INPUT.value)  # bad patterns fail before the models load
-  encoder, tokenizer, scale = encoder_job.build_encoder(_CONFIG.value)
+  encoder, tokenizer, scale = frozen.build_encoder(_CONFIG.value)
   encoder_job.encode_shards(_CONFIG.value, _INPUT.value, _OUTPUT.value, encoder=encoder,
                             tokenizer=tokenizer, scale_factor=scale)
 

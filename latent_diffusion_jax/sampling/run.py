@@ -1,0 +1,68 @@
+"""sample.py's work: load a model from any source, sample prompts, write PNGs and settings."""
+
+import time
+from typing import Callable, Optional, Sequence
+
+from latent_diffusion_jax.artifacts import loader
+from latent_diffusion_jax.core import images as images_lib
+from latent_diffusion_jax.sampling.generation import _check_sampler_args, generate
+from latent_diffusion_jax.core.errors import UserInputError
+
+
+def read_prompts_file(path: str) -> list:
+  """Prompts from a text file: one per line; blank lines and lines starting with '#' skipped."""
+  with open(path, encoding="utf-8") as f:
+    lines = [line.strip() for line in f]
+  return [line for line in lines if line and not line.startswith("#")]
+
+
+def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source | str",
+                 negative_prompt: str = "", num_images_per_prompt: int = 1, seed: int = 0,
+                 num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
+                 eta: float = 0.0, batch_size: Optional[int] = None,
+                 print_fn: Callable[[str], None] = print):
+  """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
+
+  Args:
+    prompts: the prompts; each one's images are consecutive.
+    out_dir: where `images.save_images` writes the PNGs, the grid and settings.json.
+    source: the model: a `loader.Source` or a path (its kind detected), see artifacts/loader.py.
+    negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size: see `generate`.
+    num_images_per_prompt: images per prompt (different seeds of the per-image noise).
+    print_fn: progress lines go here.
+
+  Returns:
+    `images.SavedImages` with the written paths.
+  """
+  prompts = list(prompts)
+  if not prompts:
+    raise UserInputError("No prompts: pass --prompt (repeatable) or --prompts_file.")
+  if num_images_per_prompt < 1:
+    raise UserInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
+  # Fail on bad settings before spending time on loading the model.
+  _check_sampler_args(sampler, num_steps, eta)
+  bundle = loader.load_bundle(source)
+  source = bundle.metadata["source"]
+  all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+  print_fn(f"Sampling {len(all_prompts)} images of {bundle.image_size}px from {source} "
+           f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
+
+  clock = {"last": time.perf_counter()}
+
+  def progress(done: int, total: int, count: int) -> None:
+    now = time.perf_counter()
+    rate = count / max(now - clock["last"], 1e-9)
+    clock["last"] = now
+    note = " (includes compilation)" if done == 1 else ""
+    print_fn(f"batch {done}/{total}: {count} images, {rate:.2f} images/s{note}")
+
+  images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
+                    num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+                    batch_size=batch_size, progress_fn=progress)
+  settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
+                  eta=eta, negative_prompt=negative_prompt,
+                  num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
+                  image_size=bundle.image_size, source=source)
+  saved = images_lib.save_images(images, out_dir, all_prompts, settings)
+  print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
+  return saved
