@@ -41,7 +41,6 @@ def get_config(arg=None):
   # "a large red triangle in the bottom right" + start/end tokens fits in 12.
   te.max_length = 12
   te.ldm.vocab_size = 128
-  te.ldm.max_length = 12
   te.ldm.width = 64
   te.ldm.depth = 2
   te.ldm.heads = 4

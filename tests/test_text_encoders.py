@@ -261,8 +261,10 @@ def test_ldm_text_transformer():
   assert "bias" not in params["layers_0"]["attn"]["to_q"]
   assert params["layers_0"]["ff_in"]["kernel"].shape == (32, 128)
 
-  apply = jax.jit(module.apply)
-  out = apply(variables, ids)
+  apply = jax.jit(lambda v, i: module.apply(v, i).context)
+  full = jax.jit(module.apply)(variables, ids)
+  assert full.pooled is None
+  out = full.context
   assert out.shape == (2, 12, 32) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
   changed = ids.copy()
@@ -270,6 +272,6 @@ def test_ldm_text_transformer():
   # Bidirectional: the last token reaches the first position's output.
   assert not np.allclose(apply(variables, changed)[:, 0], out[:, 0])
 
-  half = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, ids[:, :5])
+  half = jax.jit(module.clone(dtype=jnp.bfloat16).apply)(variables, ids[:, :5]).context
   assert half.shape == (2, 5, 32) and half.dtype == jnp.bfloat16
   assert np.isfinite(np.asarray(half, np.float32)).all()

@@ -18,6 +18,7 @@ from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.checkpoints.trees import load_frozen
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.config import config_from_json
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models import build
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
@@ -120,8 +121,7 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
       text_encoder=text_encoder, text_encoder_params=text_params,
       tokenizer_path=tokenizer if os.path.isdir(tokenizer) else None,
       scaling_factor=float(meta["latent_scale_factor"]),
-      diffusion={k: config.diffusion[k] for k in ("schedule", "num_timesteps", "beta_start", "beta_end",
-                                                  "rescale_zero_terminal_snr", "prediction_type")},
+      diffusion=DiffusionSpec.from_config(config.diffusion),
       image_size=config.model.image_size, max_length=te.max_length,
       metadata={"source": workdir, "step": step, "ema": bool(use_ema), "config": meta["config"],
                 "version": meta.get("version", "")})

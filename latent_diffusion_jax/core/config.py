@@ -69,18 +69,19 @@ def base_config() -> mc.ConfigDict:
   c.model.text_encoder = mc.ConfigDict()
   # "clip" (frozen, SD), "ldm_transformer" (trained jointly, LDM paper) or "none" (class labels only).
   c.model.text_encoder.kind = "clip"
-  # Token sequence length (CLIP: 77).
+  # Token sequence length (CLIP: 77): the tokenizer's padding, the encoder's learned positions and
+  # the latent shards' stored ids all follow this one key.
   c.model.text_encoder.max_length = 77
   # Optimize the text encoder with the UNet (the LDM paper's conditioner); SD keeps CLIP frozen.
   c.model.text_encoder.trainable = False
   # CLIPTextModel fields (models/text_encoders.py); output_layer "last" or "penultimate".
   c.model.text_encoder.clip = mc.ConfigDict(dict(
       vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-      num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+      num_attention_heads=12, hidden_act="quick_gelu",
       layer_norm_eps=1e-5, output_layer="last"))
   # LDMTextTransformer fields (the paper's jointly trained conditioner).
   c.model.text_encoder.ldm = mc.ConfigDict(dict(
-      vocab_size=30522, max_length=77, width=1280, depth=32, heads=8, head_dim=64, mlp_ratio=4.0))
+      vocab_size=30522, width=1280, depth=32, heads=8, head_dim=64, mlp_ratio=4.0))
 
   c.diffusion = mc.ConfigDict()
   # Noise schedule: "linear", "scaled_linear" (SD) or "cosine".

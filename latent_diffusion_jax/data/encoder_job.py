@@ -27,7 +27,7 @@ import tensorflow as tf
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
-from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core import parallel, pixels
 from latent_diffusion_jax.data import latent_shards as ls
 from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.pre_encode import fingerprint
@@ -63,7 +63,7 @@ class BatchEncoder:
     store = jnp.dtype(storage_dtype)
 
     def encode(params, images, input_ids):
-      x = images.astype(jnp.float32) / 127.5 - 1.0
+      x = pixels.to_float(images)
       moments = vae.apply({"params": params["vae"]}, x, method=vae.encode).astype(jnp.float32)
       posterior = DiagonalGaussian(moments)
       # Per-example sums of E[z] and E[z^2] for the manifest's 1/std scale estimate.
@@ -73,7 +73,7 @@ class BatchEncoder:
       out = {"moments": moments.astype(store), "latent_sums": sums}
       if params["text"] is not None:
         hidden = text_encoder.apply({"params": params["text"]}, input_ids)
-        out["context"] = (hidden[0] if isinstance(hidden, tuple) else hidden).astype(jnp.float16)
+        out["context"] = hidden.context.astype(jnp.float16)
       return out
 
     self._encode = jax.jit(encode)

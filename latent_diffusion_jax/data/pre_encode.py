@@ -11,6 +11,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from latent_diffusion_jax.core import pixels
 from absl import logging
 
 
@@ -32,7 +34,7 @@ def encode_images(vae, vae_params, images: np.ndarray, *, batch_size: int = 256,
     if os.path.isfile(path):
       logging.info("Using cached latents %s", path)
       return np.load(path)
-  encode = jax.jit(lambda p, x: vae.apply({"params": p}, x.astype(jnp.float32) / 127.5 - 1.0,
+  encode = jax.jit(lambda p, x: vae.apply({"params": p}, pixels.to_float(x),
                                           method=vae.encode).astype(jnp.float16))
   t0, out = time.perf_counter(), []
   for i in range(0, len(images), batch_size):

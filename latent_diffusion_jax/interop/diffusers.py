@@ -16,6 +16,7 @@ from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_c
                                                            vae_from_diffusers_config)
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.core.errors import MissingInputError
@@ -102,14 +103,13 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
       metadata={"source": directory})
 
 
-def diffusion_from_scheduler_config(cfg: dict) -> dict:
-  """Our `config.diffusion` fields from a diffusers scheduler_config.json (SD defaults if empty)."""
+def diffusion_from_scheduler_config(cfg: dict) -> DiffusionSpec:
+  """The diffusion description of a diffusers scheduler_config.json (SD defaults if empty)."""
   kind = cfg.get("beta_schedule", "scaled_linear")
-  return {
-      "schedule": "cosine" if kind == "squaredcos_cap_v2" else kind,
-      "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
-      "beta_start": float(cfg.get("beta_start", 0.00085)),
-      "beta_end": float(cfg.get("beta_end", 0.012)),
-      "rescale_zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
-      "prediction_type": cfg.get("prediction_type", "epsilon"),
-  }
+  return DiffusionSpec(
+      schedule="cosine" if kind == "squaredcos_cap_v2" else kind,
+      num_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+      beta_start=float(cfg.get("beta_start", 0.00085)),
+      beta_end=float(cfg.get("beta_end", 0.012)),
+      rescale_zero_terminal_snr=bool(cfg.get("rescale_betas_zero_snr", False)),
+      prediction_type=cfg.get("prediction_type", "epsilon"))

@@ -18,6 +18,7 @@ from latent_diffusion_jax.interop.clip import clip_params_to_torch
 from latent_diffusion_jax.interop.convert import flax_to_torch
 from latent_diffusion_jax.interop.diffusers_config import (unet_to_diffusers_config,
                                                            vae_to_diffusers_config)
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
@@ -114,18 +115,16 @@ def copy_tokenizer(source: str, dest: str, max_length: Optional[int] = None) -> 
   return dest
 
 
-def scheduler_config(diffusion: Mapping[str, Any], scheduler: str = "ddim") -> dict:
+def scheduler_config(diffusion: DiffusionSpec, scheduler: str = "ddim") -> dict:
   """The diffusers scheduler_config.json of the training schedule, with SD's sampling settings.
 
   The spacing settings are those `sampling.generate` uses (SD's: DDIM/DDPM "leading" with
   steps_offset=1 and set_alpha_to_one=False, DPM-Solver++ "linspace"), overridden like there by
-  `timestep_spacing` / `steps_offset` / `set_alpha_to_one` in `diffusion`, so that the exported
-  pipeline samples what our sampler samples.
+  the sampling settings `diffusion` pins, so that the exported pipeline samples what our sampler
+  samples.
 
   Args:
-    diffusion: our `config.diffusion` dict (schedule, num_timesteps, beta_start, beta_end,
-      rescale_zero_terminal_snr, prediction_type[, timestep_spacing, steps_offset,
-      set_alpha_to_one]).
+    diffusion: the model's diffusion description.
     scheduler: "ddim", "ddpm" or "dpmpp_2m" (DPM-Solver++ 2M).
 
   Returns:
@@ -133,25 +132,26 @@ def scheduler_config(diffusion: Mapping[str, Any], scheduler: str = "ddim") -> d
   """
   if scheduler not in SCHEDULERS:
     raise UserInputError(f"Unknown scheduler {scheduler!r}; valid: {', '.join(SCHEDULERS)}.")
-  kind = diffusion.get("schedule", "scaled_linear")
+  kind = diffusion.schedule
+  pinned = diffusion.scheduler_overrides()
   if kind not in _BETA_SCHEDULES:
     raise ExportError(f"Noise schedule {kind!r} has no diffusers equivalent; "
                       f"valid: {', '.join(_BETA_SCHEDULES)}.")
   cfg = {
       "_class_name": SCHEDULERS[scheduler],
-      "num_train_timesteps": int(diffusion.get("num_timesteps", 1000)),
-      "beta_start": float(diffusion.get("beta_start", 0.00085)),
-      "beta_end": float(diffusion.get("beta_end", 0.012)),
+      "num_train_timesteps": int(diffusion.num_timesteps),
+      "beta_start": float(diffusion.beta_start),
+      "beta_end": float(diffusion.beta_end),
       "beta_schedule": _BETA_SCHEDULES[kind],
       "trained_betas": None,
-      "prediction_type": diffusion.get("prediction_type", "epsilon"),
-      "rescale_betas_zero_snr": bool(diffusion.get("rescale_zero_terminal_snr", False)),
-      "timestep_spacing": diffusion.get("timestep_spacing",
-                                        "linspace" if scheduler == "dpmpp_2m" else "leading"),
-      "steps_offset": int(diffusion.get("steps_offset", 1)),
+      "prediction_type": diffusion.prediction_type,
+      "rescale_betas_zero_snr": bool(diffusion.rescale_zero_terminal_snr),
+      "timestep_spacing": pinned.get("timestep_spacing",
+                                     "linspace" if scheduler == "dpmpp_2m" else "leading"),
+      "steps_offset": int(pinned.get("steps_offset", 1)),
   }
   if scheduler == "ddim":
-    cfg.update(clip_sample=False, set_alpha_to_one=bool(diffusion.get("set_alpha_to_one", False)))
+    cfg.update(clip_sample=False, set_alpha_to_one=bool(pinned.get("set_alpha_to_one", False)))
   elif scheduler == "ddpm":
     cfg.update(clip_sample=False, variance_type="fixed_small")
   else:

@@ -27,6 +27,7 @@ from latent_diffusion_jax.interop.export_diffusers import (cast_state_dict, copy
                                                            header_metadata, save_safetensors)
 from latent_diffusion_jax.interop.files import load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
@@ -96,7 +97,7 @@ def export_native(bundle: ModelBundle, out_dir: str, *, dtype: Optional[str] = N
   config = {
       "format": FORMAT, "version": __version__,
       "networks": {name: module_config(module) for name, (module, _) in networks.items()},
-      "diffusion": dict(bundle.diffusion), "scaling_factor": float(bundle.scaling_factor),
+      "diffusion": bundle.diffusion.to_dict(), "scaling_factor": float(bundle.scaling_factor),
       "image_size": int(bundle.image_size), "max_length": int(bundle.max_length),
       "metadata": json.loads(json.dumps(bundle.metadata, default=str)),
   }
@@ -176,6 +177,6 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
       vae_params=params["vae"], text_encoder=modules["text_encoder"],
       text_encoder_params=params["text_encoder"],
       tokenizer_path=tokenizer if os.path.isdir(tokenizer) else None,
-      scaling_factor=float(config["scaling_factor"]), diffusion=dict(config["diffusion"]),
+      scaling_factor=float(config["scaling_factor"]), diffusion=DiffusionSpec.from_dict(config["diffusion"]),
       image_size=int(config["image_size"]), max_length=int(config["max_length"]),
       metadata={**config.get("metadata", {}), "source": out_dir})

@@ -124,7 +124,7 @@ def original_config(bundle: ModelBundle, text_layout: Optional[str]) -> dict:
     A dict ready for `write_yaml`.
   """
   from latent_diffusion_jax import __version__
-  d = bundle.diffusion
+  d = bundle.diffusion.to_dict()
   schedule = d.get("schedule", "scaled_linear")
   if schedule not in _TO_LDM_SCHEDULE:
     raise ExportError(f"Noise schedule {schedule!r} has no original (ldm) name.")

@@ -61,10 +61,14 @@ def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:
   """The conditioner named by `model.text_encoder.kind`, or None for "none"."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
   te = model_cfg.text_encoder
+  # model.text_encoder.max_length is the one source of the sequence length; configs stored by
+  # earlier versions also carry it per encoder, with the same value.
+  clip = {k: v for k, v in _fields(te.clip).items() if k != "max_position_embeddings"}
+  ldm = {k: v for k, v in _fields(te.ldm).items() if k != "max_length"}
   if te.kind == "clip":
-    return CLIPTextModel(**_fields(te.clip), **_common(model_cfg))
+    return CLIPTextModel(**clip, max_position_embeddings=te.max_length, **_common(model_cfg))
   if te.kind == "ldm_transformer":
-    return LDMTextTransformer(**_fields(te.ldm), dtype=dtype_of(model_cfg.dtype),
+    return LDMTextTransformer(**ldm, max_length=te.max_length, dtype=dtype_of(model_cfg.dtype),
                               param_dtype=dtype_of(model_cfg.param_dtype))
   if te.kind == "none":
     return None

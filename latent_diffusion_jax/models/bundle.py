@@ -10,6 +10,7 @@ from typing import Any, Dict, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.core.errors import UserInputError
@@ -26,8 +27,8 @@ class ModelBundle:
       None for unconditional / class-conditional models.
     tokenizer_path: a local tokenizer directory (CLIP layout), or None.
     scaling_factor: latents fed to the UNet are `scaling_factor * vae latent`.
-    diffusion: the training noise schedule and prediction type, as in `config.diffusion`
-      (schedule, num_timesteps, beta_start, beta_end, rescale_zero_terminal_snr, prediction_type).
+    diffusion: the training noise schedule and prediction type (`DiffusionSpec`; a mapping of
+      its fields is converted).
     image_size: the training resolution in pixels.
     max_length: the tokenizer/text-encoder sequence length.
     metadata: free-form provenance (config, step, version), written into exported files.
@@ -40,10 +41,14 @@ class ModelBundle:
   text_encoder_params: Any
   tokenizer_path: Optional[str]
   scaling_factor: float
-  diffusion: Dict[str, Any]
+  diffusion: DiffusionSpec
   image_size: int
   max_length: int = 77
   metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if not isinstance(self.diffusion, DiffusionSpec):
+      self.diffusion = DiffusionSpec.from_dict(self.diffusion)
 
   @property
   def latent_size(self) -> int:
@@ -54,4 +59,4 @@ class ModelBundle:
     if self.text_encoder is None:
       raise UserInputError("This model has no text encoder; it cannot be prompted with text.")
     out = self.text_encoder.apply({"params": self.text_encoder_params}, input_ids)
-    return out[0] if isinstance(out, tuple) else out
+    return out.context

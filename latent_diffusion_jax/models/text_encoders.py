@@ -11,7 +11,7 @@ bidirectional, pre-LN, learned positions, final LayerNorm.
 """
 
 import dataclasses
-from typing import Any, Optional, Tuple
+from typing import Any, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,18 @@ _LEGACY_EOS_TOKEN_ID = 2
 # Between blocks tokens are split over the batch only; "act_embed" (not the parameters' "embed",
 # which FSDP shards) keeps the feature axis whole (parallel.DEFAULT_LOGICAL_AXIS_RULES).
 _ACTIVATION_AXES = ("batch", "length", "act_embed")
+
+
+class TextEncoderOutput(NamedTuple):
+  """What every text encoder returns.
+
+  Attributes:
+    context: [batch, length, width], the per-token states the UNet cross-attends to.
+    pooled: [batch, width], one vector per prompt (CLIP: the EOS token's state), or None for
+      encoders without one.
+  """
+  context: jnp.ndarray
+  pooled: Optional[jnp.ndarray]
 
 
 def _activation(name: str):
@@ -189,7 +201,7 @@ class CLIPTextTransformer(_CLIPTextFields):
   """transformers' `text_model`: embeddings, causal encoder, final LayerNorm, EOS pooling."""
 
   @nn.compact
-  def __call__(self, input_ids: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, input_ids: jnp.ndarray) -> TextEncoderOutput:
     if self.output_layer not in OUTPUT_LAYERS:
       raise UserInputError(f"Unknown output_layer {self.output_layer!r}; valid: {', '.join(OUTPUT_LAYERS)}.")
     if self.output_layer == "penultimate" and self.num_hidden_layers < 2:
@@ -210,7 +222,7 @@ class CLIPTextTransformer(_CLIPTextFields):
       # First occurrence: tokenizers that pad with EOS repeat it after the real one.
       eos_index = jnp.argmax(input_ids == self.eos_token_id, axis=-1)
     pooled = jnp.take_along_axis(x, eos_index[:, None, None], axis=1)[:, 0]
-    return x, pooled
+    return TextEncoderOutput(x, pooled)
 
 
 class CLIPTextModel(_CLIPTextFields):
@@ -237,7 +249,7 @@ class CLIPTextModel(_CLIPTextFields):
   """
 
   @nn.compact
-  def __call__(self, input_ids: jnp.ndarray) -> Tuple[jnp.ndarray, jnp.ndarray]:
+  def __call__(self, input_ids: jnp.ndarray) -> TextEncoderOutput:
     """Encodes token ids.
 
     Args:
@@ -245,11 +257,11 @@ class CLIPTextModel(_CLIPTextFields):
         EOS token (the tokenizer adds it); the pooled output reads that position.
 
     Returns:
-      (hidden, pooled) in `dtype`:
-        hidden: [batch, length, hidden_size], the final LayerNorm applied to the output of the layer
-          chosen by `output_layer` (the UNet's cross-attention context).
-        pooled: [batch, hidden_size], `hidden` at each row's EOS position (see `eos_token_id`). With
-          output_layer="last" this equals transformers' `pooler_output`.
+      `TextEncoderOutput` in `dtype`:
+        context: [batch, length, hidden_size], the final LayerNorm applied to the output of the
+          layer chosen by `output_layer` (the UNet's cross-attention context).
+        pooled: [batch, hidden_size], `context` at each row's EOS position (see `eos_token_id`).
+          With output_layer="last" this equals transformers' `pooler_output`.
     """
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(_CLIPTextFields)
               if f.name not in ("parent", "name")}
@@ -354,14 +366,15 @@ class LDMTextTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, input_ids: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, input_ids: jnp.ndarray) -> TextEncoderOutput:
     """Encodes token ids.
 
     Args:
       input_ids: int [batch, length], length <= max_length.
 
     Returns:
-      [batch, length, width] in `dtype`: the final LayerNorm's output, every token seeing every other.
+      `TextEncoderOutput` in `dtype` without a pooled vector; its context [batch, length, width]
+      is the final LayerNorm's output, every token seeing every other.
     """
     _check_length(input_ids, self.max_length)
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -371,4 +384,4 @@ class LDMTextTransformer(nn.Module):
     for i in range(self.depth):
       x = _LDMBlock(self.heads, self.head_dim, self.mlp_ratio, self.attention_impl,
                     name=f"layers_{i}", **kw)(x)
-    return layers.layer_norm(1e-5, name="final_layer_norm", **kw)(x)
+    return TextEncoderOutput(layers.layer_norm(1e-5, name="final_layer_norm", **kw)(x), None)

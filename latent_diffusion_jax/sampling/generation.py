@@ -21,9 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import jax.numpy as jnp
 import numpy as np
 
-from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core import parallel, pixels
 from latent_diffusion_jax.diffusion import samplers
-from latent_diffusion_jax.diffusion import schedules
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.core.errors import UserInputError
 
@@ -39,8 +39,6 @@ _SD_SCHEDULER_DEFAULTS = {
     "ddpm": dict(timestep_spacing="leading", steps_offset=1),
     "dpmpp_2m": dict(timestep_spacing="linspace", steps_offset=1),
 }
-# bundle.diffusion keys that, when present, override the SD scheduler defaults above.
-_SCHEDULER_OVERRIDES = ("timestep_spacing", "steps_offset", "set_alpha_to_one")
 
 
 class SampleParams(NamedTuple):
@@ -62,7 +60,7 @@ class _Model:
   vae: Any
   text_encoder: Any
   scaling_factor: float
-  diffusion: tuple
+  diffusion: DiffusionSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +128,7 @@ def _check_supported(bundle: ModelBundle) -> None:
 
 def _model_key(bundle: ModelBundle) -> _Model:
   return _Model(bundle.unet, bundle.vae, bundle.text_encoder, float(bundle.scaling_factor),
-                tuple(sorted(bundle.diffusion.items())))
+                bundle.diffusion)
 
 
 def _is_guided(bundle: ModelBundle, guidance_scale: float) -> bool:
@@ -166,21 +164,17 @@ def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int
   _check_supported(bundle)
   guided = _is_guided(bundle, guidance_scale)
   scheduler = dict(_SD_SCHEDULER_DEFAULTS[sampler])
-  scheduler.update({k: bundle.diffusion[k] for k in _SCHEDULER_OVERRIDES
-                    if k in bundle.diffusion and (k != "set_alpha_to_one" or sampler == "ddim")})
+  scheduler.update({k: v for k, v in bundle.diffusion.scheduler_overrides().items()
+                    if k != "set_alpha_to_one" or sampler == "ddim"})
   settings = _Settings(sampler, int(num_steps), float(guidance_scale) if guided else 1.0,
-                       float(eta), bundle.diffusion.get("prediction_type", "epsilon"),
+                       float(eta), bundle.diffusion.prediction_type,
                        tuple(sorted(scheduler.items())))
   return _cached_sample_fn(_model_key(bundle), settings)
 
 
 @functools.lru_cache(maxsize=16)
 def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
-  d = dict(model.diffusion)
-  schedule = schedules.make_schedule(
-      d.get("schedule", "scaled_linear"), int(d.get("num_timesteps", 1000)),
-      float(d.get("beta_start", 0.00085)), float(d.get("beta_end", 0.012)),
-      bool(d.get("rescale_zero_terminal_snr", False)))
+  schedule = model.diffusion.noise_schedule()
   guided = s.guidance_scale > 1
   # Ancestral noise is drawn per image (vmap over per-image keys) so that an image does not
   # depend on which other images share its batch.
@@ -191,7 +185,7 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
     """(context [B, L, D], class labels [B] or None) for the UNet."""
     if model.text_encoder is not None:
       out = model.text_encoder.apply({"params": params.text_encoder}, cond)
-      return (out[0] if isinstance(out, tuple) else out), None
+      return out.context, None
     # Text-free UNets may still have cross-attention layers; an all-zero context of length 1
     # is what they were trained with in place of text.
     context = jnp.zeros((cond.shape[0], 1, unet.cross_attention_dim), unet.dtype)
@@ -341,7 +335,7 @@ def _to_host(x: jax.Array) -> np.ndarray:
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] float images -> uint8 [0, 255], rounded as diffusers' numpy_to_pil does."""
-  return np.round(np.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(np.uint8)
+  return pixels.to_uint8(images)
 
 
 ProgressFn = Callable[[int, int, int], None]
@@ -437,5 +431,5 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
 
   images = np.concatenate(outputs, axis=0)
   if output_type == "float":
-    return np.clip(images / 2 + 0.5, 0.0, 1.0).astype(np.float32)
+    return pixels.to_unit(images)
   return to_uint8(images)

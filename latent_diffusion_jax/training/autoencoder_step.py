@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from latent_diffusion_jax.core import pixels
 from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
 from latent_diffusion_jax.models.vq import (VQModel, codebook_statistics, ema_codebook_update)
 from latent_diffusion_jax.training import autoencoder_losses as losses
-from latent_diffusion_jax.training.diffusion_step import images_to_float
 from latent_diffusion_jax.evaluation.image_metrics import psnr
 from latent_diffusion_jax.training.state import TrainState, global_norm
 from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
@@ -175,7 +175,7 @@ def loss_and_grads(task: AutoencoderTask, params: Any, batch: Dict[str, jnp.ndar
     ((loss, aux metrics), grads shaped like params), `accumulate_gradients`' contract. The
     discriminator's grads are those of its own loss, not of the generator loss.
   """
-  x = images_to_float(batch["images"])
+  x = pixels.to_float(batch["images"])
   b = x.shape[0]
   conv_box = {}
 
@@ -291,11 +291,11 @@ def _with_ema_codebook(task, state, stats, loss, grads):
 
 def reconstruct(vae: nn.Module, params: Any, images: jnp.ndarray) -> jnp.ndarray:
   """Deterministic reconstruction (posterior mode / quantized latents) in [-1, 1]."""
-  recon, _ = vae.apply({"params": params}, images_to_float(images))
+  recon, _ = vae.apply({"params": params}, pixels.to_float(images))
   return jnp.clip(recon.astype(jnp.float32), -1.0, 1.0)
 
 
 def scale_latents(vae: nn.Module, params: Any, images: jnp.ndarray) -> jnp.ndarray:
   """The latents stage 2 trains on, unscaled: posterior means (KL) or pre-quantization latents (VQ)."""
-  out = vae.apply({"params": params}, images_to_float(images), method=vae.encode)
+  out = vae.apply({"params": params}, pixels.to_float(images), method=vae.encode)
   return out if isinstance(vae, VQModel) else jnp.split(out, 2, axis=-1)[0]

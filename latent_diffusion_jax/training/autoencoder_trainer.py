@@ -20,7 +20,7 @@ import ml_collections as mc
 import numpy as np
 from absl import logging
 
-from latent_diffusion_jax.core import parallel
+from latent_diffusion_jax.core import parallel, pixels
 from latent_diffusion_jax.models import build
 from latent_diffusion_jax.core import config as config_lib
 from latent_diffusion_jax.training import loop, startup
@@ -29,7 +29,6 @@ from latent_diffusion_jax.training.autoencoder_step import (AutoencoderTask, Aut
                                                             make_train_step, reconstruct,
                                                             scale_latents)
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
-from latent_diffusion_jax.training.diffusion_step import images_to_float
 from latent_diffusion_jax.evaluation.image_metrics import psnr, ssim
 from latent_diffusion_jax.training.state import learning_rate_schedule
 from latent_diffusion_jax.training.state import make_optimizer as make_base_optimizer
@@ -114,7 +113,7 @@ def load_lpips_params(config: mc.ConfigDict) -> Any:
 def make_eval_fn(vae: nn.Module):
   """Jitted (params, images) -> (psnr [B], ssim [B], scale latents, reconstructions in [-1, 1])."""
   def fn(params, images):
-    x = images_to_float(images)
+    x = pixels.to_float(images)
     recon = reconstruct(vae, params, images)
     return psnr(recon, x), ssim(recon, x), scale_latents(vae, params, images), recon
   return jax.jit(fn)
@@ -146,9 +145,8 @@ def evaluate(vae: nn.Module, params: Any, images: np.ndarray, batch_size: int = 
 
 def _grid(originals: np.ndarray, recon: np.ndarray) -> np.ndarray:
   from latent_diffusion_jax.core.images import make_grid
-  to_uint8 = lambda x: np.round((np.clip(np.asarray(x, np.float32), -1, 1) + 1) * 127.5).astype(np.uint8)
-  orig = originals if originals.dtype == np.uint8 else to_uint8(originals)
-  return make_grid(np.concatenate([orig, to_uint8(recon)]), ncols=len(orig))
+  orig = originals if originals.dtype == np.uint8 else pixels.to_uint8(originals)
+  return make_grid(np.concatenate([orig, pixels.to_uint8(recon)]), ncols=len(orig))
 
 
 class ReconstructionHook:

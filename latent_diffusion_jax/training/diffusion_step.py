@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from latent_diffusion_jax.core import pixels
 from latent_diffusion_jax.diffusion import objectives, schedules
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from latent_diffusion_jax.training.state import TrainState
@@ -37,20 +38,13 @@ class DiffusionTask:
   num_buckets: int = 10
 
 
-def images_to_float(images: jnp.ndarray) -> jnp.ndarray:
-  """uint8 [0, 255] (or float already in [-1, 1]) -> float32 [-1, 1]."""
-  if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 127.5 - 1.0
-  return images.astype(jnp.float32)
-
-
 def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.ndarray],
                    rng: jax.Array) -> jnp.ndarray:
   """Unscaled latents sampled from the batch's moments, or from encoding its images."""
   if "moments" in batch:
     moments = batch["moments"].astype(jnp.float32)
   else:
-    moments = task.vae.apply({"params": vae_params}, images_to_float(batch["images"]),
+    moments = task.vae.apply({"params": vae_params}, pixels.to_float(batch["images"]),
                              method=task.vae.encode).astype(jnp.float32)
   return jax.lax.stop_gradient(DiagonalGaussian(moments).sample(rng))
 
@@ -72,7 +66,7 @@ def _context(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp
     ids = jnp.where(drop, frozen["uncond_ids"][None], ids)
   te_params = params["text_encoder"] if task.text_trainable else frozen["text_encoder"]
   out = task.text_encoder.apply({"params": te_params}, ids)
-  ctx = out[0] if isinstance(out, tuple) else out
+  ctx = out.context
   return ctx if task.text_trainable else jax.lax.stop_gradient(ctx)
 
 

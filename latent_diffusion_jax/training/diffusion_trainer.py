@@ -17,6 +17,7 @@ from absl import logging
 
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.diffusion import schedules
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models import build
 from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.training import frozen as frozen_lib
@@ -33,9 +34,7 @@ from latent_diffusion_jax.core.errors import UserInputError
 
 
 def make_schedule(config: mc.ConfigDict) -> schedules.NoiseSchedule:
-  d = config.diffusion
-  return schedules.make_schedule(d.schedule, d.num_timesteps, d.beta_start, d.beta_end,
-                                 d.rescale_zero_terminal_snr)
+  return DiffusionSpec.from_config(config.diffusion).noise_schedule()
 
 
 def build_init_fn(config: mc.ConfigDict, unet, text_encoder, tx):

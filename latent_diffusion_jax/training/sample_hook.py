@@ -6,6 +6,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 
 
@@ -20,7 +21,7 @@ class SampleGridHook:
     self.bundle = ModelBundle(
         unet=unet, unet_params=None, vae=vae, vae_params=vae_params, text_encoder=text_encoder,
         text_encoder_params=text_params, tokenizer_path=os.path.join(workdir, "tokenizer"),
-        scaling_factor=scale, diffusion=dict(config.diffusion.to_dict()),
+        scaling_factor=scale, diffusion=DiffusionSpec.from_config(config.diffusion),
         image_size=config.model.image_size, max_length=te.max_length)
 
   def __call__(self, step: int, state) -> None:
