@@ -12,6 +12,7 @@ import pytest
 from flax.training import train_state
 from jax.sharding import PartitionSpec as P
 
+from latent_diffusion_jax.core.errors import StorageError
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.checkpoints import checkpointer as checkpointing
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer, RestoreSource
@@ -135,12 +136,12 @@ def test_unfinished_tmp_dir_is_ignored(tmp_path, state_and_abstract):
 def test_unwritable_workdir_names_path(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  with pytest.raises(PermissionError, match=str(blocker / "run" / "checkpoints")):
+  with pytest.raises(StorageError, match=str(blocker / "run" / "checkpoints")):
     Checkpointer(blocker / "run")
   if os.geteuid() != 0:  # root ignores permission bits
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
-    with pytest.raises(PermissionError, match=str(locked)):
+    with pytest.raises(StorageError, match=str(locked)):
       Checkpointer(locked / "run")
 
 

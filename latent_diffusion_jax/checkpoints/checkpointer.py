@@ -146,7 +146,7 @@ class Checkpointer:
       read_only: open an existing run for restoring only (sampling, init from another run).
 
     Raises:
-      PermissionError: when the checkpoint directory cannot be created or written, naming it.
+      StorageError: when the checkpoint directory cannot be created or written, naming it.
       FileNotFoundError: when `read_only` and the run has no checkpoint directory.
     """
     self.directory = checkpoint_dir(workdir)

@@ -60,7 +60,7 @@ def check_workdir(workdir: str) -> None:
   """Creates `workdir` and writes a probe file there, so an unusable one fails at start.
 
   Raises:
-    PermissionError: naming the workdir, when it cannot be created or written.
+    StorageError: naming the workdir, when it cannot be created or written.
   """
   import jax
   probe = os.path.join(workdir, f".write_probe.{jax.process_index()}.{os.getpid()}")
