@@ -71,11 +71,12 @@ class Source:
       raise UserInputError(f"step only applies to training workdirs; {self.path!r} is a {kind} source.")
     return dataclasses.replace(self, kind=kind)
 
-  def describe(self) -> str:
-    """One line for logs and settings files."""
+  def describe(self, step: Optional[int] = None) -> str:
+    """One line for logs and settings files; `step` names the workdir step actually read."""
     text = f"{self.kind}:{self.path}"
     if self.kind == "workdir":
-      text += f" step={'latest' if self.step is None else self.step} ema={self.ema}"
+      step = self.step if step is None else step
+      text += f" step={'latest' if step is None else step} ema={self.ema}"
     return text
 
 
@@ -168,7 +169,8 @@ def load_bundle(source: "Source | str", *, dtype: Any = None,
                      "training workdir, a diffusers pipeline, a single file or a native export.")
   if source.tokenizer is not None and source.kind != "single_file":
     bundle.tokenizer_path = source.tokenizer
-  bundle.metadata = {**bundle.metadata, "source": source.describe()}
+  bundle.metadata = {**bundle.metadata,
+                     "source": source.describe(bundle.metadata.get("step"))}
   return bundle
 
 
