@@ -15,6 +15,7 @@ from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.interop.export_diffusers import export_diffusers
 from latent_diffusion_jax.interop.native import export_native
 from latent_diffusion_jax.interop.single_file import export_single_file
+from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.training import foreign_init, startup
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import init_train_state
@@ -106,16 +107,16 @@ def test_architecture_mismatch_names_the_config_key(tmp_path_factory):
 
 def test_unrecognised_or_incomplete_sources_are_refused(tmp_path, tmp_path_factory):
   (tmp_path / "empty").mkdir()
-  with pytest.raises(ValueError, match="is none of"):
-    foreign_init.source_kind(str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="training.init_checkpoint: .* is none of"):
+    foreign_init.import_params(str(tmp_path / "empty"), {"unet": None})
   bundle = cached_bundle("sd1", tmp_path_factory)
   vae_only = str(tmp_path / "pipe")
   export_diffusers(bundle, vae_only)
   with pytest.raises(ValueError, match="holds no unet weights"):
     foreign_init.import_params(os.path.join(vae_only, "vae"), {"unet": bundle.unet})
-  assert foreign_init.pipeline_frozen_defaults(vae_only, ["vae", "tokenizer"]) == {
+  assert loader.pipeline_parts(vae_only, ["vae", "tokenizer"]) == {
       "vae": os.path.join(vae_only, "vae"), "tokenizer": os.path.join(vae_only, "tokenizer")}
-  assert foreign_init.pipeline_frozen_defaults(str(tmp_path / "empty"), ["vae"]) == {}
+  assert loader.pipeline_parts(str(tmp_path / "empty"), ["vae"]) == {}
 
 
 def test_placement_rejects_mismatched_trees():
