@@ -109,3 +109,14 @@ def test_text_length_has_one_source(kind):
   out = module.apply(variables, jnp.zeros((2, 9), jnp.int32))
   assert out.context.shape[:2] == (2, 9)
   assert (out.pooled is None) == (kind == "ldm_transformer")
+
+
+def test_building_the_encode_job_leaves_no_temporary_directory(tmp_path, monkeypatch):
+  import tempfile
+  from latent_diffusion_jax.training import frozen
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+  config = load_config_file(os.path.join(ROOT, "configs/shapes_ldm.py:tiny"))
+  config.frozen.vae = ""
+  encoder, tokenizer, _ = frozen.build_encoder(config)
+  assert tokenizer("a red circle")["input_ids"]  # loaded into memory, usable after cleanup
+  assert list(tmp_path.iterdir()) == []
