@@ -156,21 +156,29 @@ def test_diffusers_pipeline_samples_the_image_our_sampler_samples(sd1, sd1_diffu
 
 
 def test_cli_converts_diffusers_to_single_file_and_native(sd1, sd1_diffusers, tmp_path):
+  """Each source flag reads its kind; --model detects it."""
   from latent_diffusion_jax.interop.single_file import load_single_file
   lines = []
   single = str(tmp_path / "model.safetensors")
-  written = export_cli.run(["export", "--from_diffusers", sd1_diffusers, "--format", "single-file",
+  written = export_cli.run(["export", "--diffusers", sd1_diffusers, "--format", "single-file",
                             "--out", single], print_fn=lines.append)
   assert written["checkpoint"] == single and os.path.isfile(written["config"])
   assert any(single in line for line in lines)
+  assert f"Loaded diffusers:{sd1_diffusers}." in lines
   _assert_same_model(sd1, load_single_file(single))
-  export_cli.run(["export", f"--from_single_file={single}", "--format=native",
+  export_cli.run(["export", f"--single_file={single}", "--format=native",
                   f"--out={tmp_path / 'native'}", "--dtype=float32"], print_fn=lines.append)
   _assert_same_model(sd1, load_native(str(tmp_path / "native")))
+  lines.clear()
+  export_cli.run(["export", f"--model={tmp_path / 'native'}", "--format=diffusers",
+                  f"--out={tmp_path / 'again'}"], print_fn=lines.append)
+  assert f"Loaded native:{tmp_path / 'native'}." in lines
+  _assert_same_model(sd1, load_pipeline(str(tmp_path / "again")))
 
 
 def test_cli_refuses_pickles_without_the_flag(sd1, tmp_path):
   torch = pytest.importorskip("torch")
+  from latent_diffusion_jax.interop.files import PickleRefusedError
   from latent_diffusion_jax.interop.single_file import export_single_file
   written = export_single_file(sd1, str(tmp_path / "model.safetensors"))
   with safe_open(written["checkpoint"], "np") as f:
@@ -178,26 +186,44 @@ def test_cli_refuses_pickles_without_the_flag(sd1, tmp_path):
   ckpt = str(tmp_path / "model.ckpt")
   torch.save({"state_dict": state_dict, "global_step": 7}, ckpt)
   os.rename(written["config"], str(tmp_path / "model.yaml.bak"))
-  args = ["export", "--from_single_file", ckpt, "--config_yaml", str(tmp_path / "model.yaml.bak"),
+  args = ["export", "--single_file", ckpt, "--config_yaml", str(tmp_path / "model.yaml.bak"),
           "--tokenizer", written["tokenizer"], "--format", "native", "--out", str(tmp_path / "n")]
-  with pytest.raises(export_cli.app.UsageError, match="arbitrary code"):
+  with pytest.raises(PickleRefusedError, match="arbitrary code"):
     export_cli.run(args, print_fn=lambda _: None)
   export_cli.run(args + ["--allow_pickle"], print_fn=lambda _: None)
   _assert_same_model(sd1, load_native(str(tmp_path / "n")))
 
 
-def test_cli_errors_are_messages_not_tracebacks(tmp_path):
+def test_cli_errors_are_messages_not_tracebacks(sd1_diffusers, tmp_path):
+  """A bad source ends the command with `export: Type: message` and exit status 1; bad flags are
+  usage errors."""
+  from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
+  missing = str(tmp_path / "nope")
   result = subprocess.run(
-      [sys.executable, "-m", "latent_diffusion_jax.cli.export", "--checkpoint", str(tmp_path / "nope"),
+      [sys.executable, "-m", "latent_diffusion_jax.cli.export", "--checkpoint", missing,
        "--format", "diffusers", "--out", str(tmp_path / "out")],
-      capture_output=True, text=True, cwd=REPO, timeout=60)
-  assert result.returncode != 0
-  assert "no such training workdir" in result.stderr and "Traceback" not in result.stderr
+      capture_output=True, text=True, cwd=REPO, timeout=120)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert f"export: MissingInputError: No workdir at '{missing}'" in result.stderr
+  assert "Traceback" not in result.stderr
+  with pytest.raises(MissingInputError, match="nope"):
+    export_cli.run(["export", "--checkpoint", missing, "--format", "native", "--out", "x"],
+                   print_fn=lambda _: None)
+  unet = os.path.join(sd1_diffusers, "unet")
+  with pytest.raises(UserInputError, match="holds one diffusers_model network"):
+    export_cli.run(["export", "--model", unet, "--format", "native", "--out", str(tmp_path / "n")],
+                   print_fn=lambda _: None)
+  with pytest.raises(MissingInputError, match="no unet/ subdirectory; is it a diffusers pipeline"):
+    export_cli.run(["export", "--diffusers", unet, "--format", "native", "--out",
+                    str(tmp_path / "n")], print_fn=lambda _: None)
   for argv, message in (
       (["--format", "zip", "--out", "x"], "should be one of"),
-      (["--format", "native", "--out", "x"], "exactly one source"),
-      (["--from_native", "a", "--from_diffusers", "b", "--format", "native", "--out", "x"],
-       "exactly one source"),
-      (["--from_diffusers", str(tmp_path), "--format", "native"], "--out are required")):
+      (["--format", "native", "--out", "x"], "exactly one of --model, --checkpoint.*got none"),
+      (["--native", "a", "--diffusers", "b", "--format", "native", "--out", "x"],
+       "exactly one of .*got --diffusers, --native"),
+      (["--from_diffusers", "b", "--format", "native", "--out", "x"], "from_diffusers"),
+      (["--diffusers", sd1_diffusers, "--step", "3", "--format", "native", "--out", "x"],
+       "--diffusers .*step only applies to training workdirs"),
+      (["--diffusers", str(tmp_path), "--format", "native"], "--out are required")):
     with pytest.raises(export_cli.app.UsageError, match=message):
       export_cli.run(["export", *argv], print_fn=lambda _: None)

@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 
 import flax.linen as nn
 import jax
@@ -329,16 +330,29 @@ def test_sample_py_reads_single_file_and_native_exports(diffusers_pipeline, samp
 
 
 def test_sample_py_names_the_missing_flags(sample_cli, tmp_path):
+  """Source problems end sample.py with `sample.py: Type: message` (exit status 1, no traceback);
+  the library raises the UserError family."""
   from absl import app
-  with pytest.raises(app.UsageError, match="--checkpoint WORKDIR, --diffusers DIR, --single_file"):
+  from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
+  with pytest.raises(SystemExit, match="sample.py: UserInputError: Give the model with exactly one "
+                     "of --model, --checkpoint, --diffusers, --single_file, --native; got none"):
     _run_cli(sample_cli, ["--prompt", "a red circle", "--out", str(tmp_path)])
-  with pytest.raises(app.UsageError, match="exactly one of"):
+  with pytest.raises(SystemExit, match="exactly one of .*got --diffusers, --native"):
     _run_cli(sample_cli, ["--prompt", "a red circle", "--diffusers", str(tmp_path), "--native",
                           str(tmp_path), "--out", str(tmp_path)])
-  with pytest.raises(ValueError, match="--checkpoint WORKDIR .* --diffusers DIR.*got none"):
-    sampling.run_sampling(prompts=["a red circle"], out_dir=str(tmp_path))
-  with pytest.raises(ValueError, match="--prompt"):
-    sampling.run_sampling(prompts=[], out_dir=str(tmp_path), diffusers=str(tmp_path))
+  with pytest.raises(SystemExit, match="sample.py: MissingInputError: .*" + re.escape(str(tmp_path / "nothing"))):
+    _run_cli(sample_cli, ["--prompt", "a red circle", "--model", str(tmp_path / "nothing"),
+                          "--out", str(tmp_path)])
+  with pytest.raises(SystemExit, match=f"UserInputError: --model {re.escape(str(tmp_path))}: .* is none of"):
+    _run_cli(sample_cli, ["--prompt", "a red circle", "--model", str(tmp_path), "--out",
+                          str(tmp_path)])
+  with pytest.raises(app.UsageError, match="No prompts"):
+    _run_cli(sample_cli, ["--diffusers", str(tmp_path), "--out", str(tmp_path)])
+  with pytest.raises(MissingInputError, match="nothing"):
+    sampling.run_sampling(prompts=["a red circle"], out_dir=str(tmp_path),
+                          source=str(tmp_path / "nothing"))
+  with pytest.raises(UserInputError, match="--prompt"):
+    sampling.run_sampling(prompts=[], out_dir=str(tmp_path), source=str(tmp_path))
 
 
 @pytest.mark.parity
