@@ -334,7 +334,7 @@ def test_sample_py_names_the_missing_flags(sample_cli, tmp_path):
   the library raises the UserError family."""
   from absl import app
   from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
-  with pytest.raises(SystemExit, match="sample.py: UserInputError: Give the model with exactly one "
+  with pytest.raises(SystemExit, match="sample.py: FlagError: Give the model with exactly one "
                      "of --model, --checkpoint, --diffusers, --single_file, --native; got none"):
     _run_cli(sample_cli, ["--prompt", "a red circle", "--out", str(tmp_path)])
   with pytest.raises(SystemExit, match="exactly one of .*got --diffusers, --native"):

@@ -20,7 +20,7 @@ from absl import app, flags
 
 from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.cli import errors, source_flags
-from latent_diffusion_jax.core.errors import UserError, UserInputError
+from latent_diffusion_jax.core.errors import FlagError, UserInputError
 
 FORMATS = ("diffusers", "single-file", "native")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -87,13 +87,14 @@ def run(argv: Sequence[str], print_fn=print) -> Dict[str, str]:
     raise app.UsageError(f"--format ({'|'.join(FORMATS)}) and --out are required.")
   try:
     source = source_flags.source_from_flags(fv)
-  except UserError as e:
+  except FlagError as e:
     raise app.UsageError(str(e)) from None
   bundle = loader.load_bundle(source)
-  print_fn(f"Loaded {source.describe()}.")
+  source = bundle.metadata["source"]
+  print_fn(f"Loaded {source}.")
   written = export_bundle(bundle, fv.format, fv.out, dtype=fv.dtype, scheduler=fv.scheduler,
                           text_layout=fv.text_layout)
-  print_fn(f"Wrote {fv.format} export of {source.describe()}:")
+  print_fn(f"Wrote {fv.format} export of {source}:")
   for name, path in written.items():
     print_fn(f"  {name}: {path}")
   return written

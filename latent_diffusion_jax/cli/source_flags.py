@@ -8,10 +8,12 @@
   --allow_pickle            accept pickle weight files (they can run code)
 """
 
+import dataclasses
+
 from absl import flags
 
-from latent_diffusion_jax.artifacts.loader import Source
-from latent_diffusion_jax.core.errors import UserInputError
+from latent_diffusion_jax.artifacts.loader import Source, detect_kind
+from latent_diffusion_jax.core.errors import FlagError, UserError, UserInputError
 
 # flag name -> the source kind it names ("auto": detected from the path).
 SOURCE_FLAGS = {"model": "auto", "checkpoint": "workdir", "diffusers": "diffusers",
@@ -45,20 +47,26 @@ def source_from_flags(fv: flags.FlagValues = flags.FLAGS) -> Source:
   """The `Source` the parsed flags name, with its kind resolved.
 
   Raises:
-    ValueError: no source flag or several, or options that do not fit the source; the message
-      names the flags.
+    FlagError: no source flag or several, or options that do not fit the source (e.g. --step
+      with --diffusers); the message names the flags.
+    MissingInputError, UserInputError: a path that does not exist or that holds nothing this
+      package reads; the message names the flag and the path.
   """
   given = [(name, fv[name].value) for name in SOURCE_FLAGS if fv[name].value is not None]
   if len(given) != 1:
     names = ", ".join(f"--{n}" for n in SOURCE_FLAGS)
     got = ", ".join(f"--{n}" for n, _ in given) or "none"
-    raise UserInputError(f"Give the model with exactly one of {names}; got {got}.")
+    raise FlagError(f"Give the model with exactly one of {names}; got {got}.")
   name, path = given[0]
   source = Source(path, kind=SOURCE_FLAGS[name], step=fv["step"].value, ema=fv["ema"].value,
                   config_yaml=fv["config_yaml"].value, tokenizer=fv["tokenizer"].value,
                   allow_pickle=fv["allow_pickle"].value)
+  if source.kind == "auto":
+    try:
+      source = dataclasses.replace(source, kind=detect_kind(path))
+    except UserError as e:
+      raise type(e)(f"--{name} {path}: {e}") from None
   try:
     return source.resolved()
-  except ValueError as e:
-    raise UserInputError(f"--{name} {path}: {e}") from None
-
+  except UserInputError as e:
+    raise FlagError(f"--{name} {path}: {e}") from None

@@ -16,6 +16,10 @@ class UserInputError(UserError, ValueError):
   """A config key, flag, argument or input with an invalid value (names it and what is valid)."""
 
 
+class FlagError(UserInputError):
+  """Command-line flags that contradict each other or miss a required one (names the flags)."""
+
+
 class InputFileError(UserInputError):
   """A file or directory that exists but is not what was asked for: a damaged checkpoint,
   weights that do not fit the model, a pickle that was not allowed, an unreadable dataset."""
