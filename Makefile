@@ -17,7 +17,9 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# Layer and no-tensorflow contracts (setup.cfg [importlinter]) first: they take a second.
 test: venv
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 # The embedded default end to end: stage 1 (autoencoder), stage 2 (text-to-image LDM), a sample
