@@ -10,6 +10,7 @@ import numpy as np
 import optax
 import pytest
 
+from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.interop.export_diffusers import export_diffusers
@@ -107,15 +108,15 @@ def test_architecture_mismatch_names_the_config_key(tmp_path_factory):
 def test_unrecognised_or_incomplete_sources_are_refused(tmp_path, tmp_path_factory):
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="is none of"):
-    foreign_init.source_kind(str(tmp_path / "empty"))
+    loader.detect_kind(str(tmp_path / "empty"))
   bundle = cached_bundle("sd1", tmp_path_factory)
   vae_only = str(tmp_path / "pipe")
   export_diffusers(bundle, vae_only)
   with pytest.raises(ValueError, match="holds no unet weights"):
     foreign_init.import_params(os.path.join(vae_only, "vae"), {"unet": bundle.unet})
-  assert foreign_init.pipeline_frozen_defaults(vae_only, ["vae", "tokenizer"]) == {
+  assert loader.pipeline_parts(vae_only, ["vae", "tokenizer"]) == {
       "vae": os.path.join(vae_only, "vae"), "tokenizer": os.path.join(vae_only, "tokenizer")}
-  assert foreign_init.pipeline_frozen_defaults(str(tmp_path / "empty"), ["vae"]) == {}
+  assert loader.pipeline_parts(str(tmp_path / "empty"), ["vae"]) == {}
 
 
 def test_placement_rejects_mismatched_trees():
