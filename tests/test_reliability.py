@@ -24,6 +24,7 @@ from clu import metric_writers
 
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.config import base_config
+from latent_diffusion_jax.core.errors import StorageError
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.checkpoints import resume as resume_lib
@@ -209,13 +210,13 @@ def test_unwritable_workdir_fails_at_start_with_its_name(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("")
   workdir = str(blocker / "run")
-  with pytest.raises(PermissionError, match=workdir):
+  with pytest.raises(StorageError, match=workdir):
     check_workdir(workdir)
   config = base_config()
   config.distributed.num_processes = 1
-  with pytest.raises(PermissionError, match=workdir):
+  with pytest.raises(StorageError, match=workdir):
     run_training(config, workdir)
-  with pytest.raises(PermissionError, match=str(blocker)):
+  with pytest.raises(StorageError, match=str(blocker)):
     Checkpointer(workdir)
 
 
