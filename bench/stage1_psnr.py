@@ -42,8 +42,8 @@ def main(argv=None) -> int:
   if not config.data.data_dir:
     config.data.data_dir = args.workdir.rstrip("/") + "_data"
   shutil.rmtree(args.workdir, ignore_errors=True)
-  from latent_diffusion_jax.training.diffusion_trainer import _load_shapes
-  _load_shapes(config, args.workdir, None, "train")  # generate before timing
+  from latent_diffusion_jax.data.batches import load_shapes_split
+  load_shapes_split(config, args.workdir, None, "train")  # generate before timing
   start = time.perf_counter()
   result = run_training(config, args.workdir)
   wall = time.perf_counter() - start

@@ -94,7 +94,7 @@ def _filled_state(abstract, seed: int = 0):
 
 
 def _run_steps(config, mesh_shape, batch, steps):
-  from latent_diffusion_jax.training import autoencoder_trainer as T
+  from latent_diffusion_jax.training.stages import autoencoder as T
   from latent_diffusion_jax.training.autoencoder_step import make_train_step
   mesh = parallel.create_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
   vae = build.build_first_stage(config)
@@ -136,15 +136,17 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
   """A 2-step run (the adversarial branch in step 2) writes stage1.json and a checkpoint that
   restores onto the abstract state resumption uses (discriminator, its optimizer state) and that
   stage 2's loader reads. The host loop's resume logic itself is covered by test_checkpointing."""
-  from latent_diffusion_jax.training import autoencoder_trainer as T
+  from latent_diffusion_jax.training import driver
+  from latent_diffusion_jax.training.stages import autoencoder as T
   from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
+  from latent_diffusion_jax.artifacts.workdir import STAGE1_SUMMARY
   from latent_diffusion_jax.artifacts.workdir import load_first_stage
   workdir = str(tmp_path / "ae")
   config = _tiny_config(**{"data.data_dir": str(tmp_path / "tfds"),
                            "training.async_checkpointing": False})
-  result = T.train(config, workdir)
+  result = driver.train(config, workdir)
   assert result["step"] == 2 and result["last_metrics"]["disc_factor"] == 1.0
-  with open(os.path.join(workdir, T.STAGE1_SUMMARY)) as f:
+  with open(os.path.join(workdir, STAGE1_SUMMARY)) as f:
     summary = json.load(f)
   assert set(summary) >= {"psnr", "ssim", "latent_scale_factor", "step"}
   assert np.isfinite(summary["psnr"]) and summary["latent_scale_factor"] > 0

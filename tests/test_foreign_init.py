@@ -10,12 +10,12 @@ import numpy as np
 import optax
 import pytest
 
+from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.interop.export_diffusers import export_diffusers
 from latent_diffusion_jax.interop.native import export_native
 from latent_diffusion_jax.interop.single_file import export_single_file
-from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.training import foreign_init, startup
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
 from latent_diffusion_jax.training.diffusion_step import init_train_state

@@ -164,7 +164,7 @@ def test_compatibility_checks(tmp_path):
 
 def test_train_two_steps_from_latent_shards(tmp_path):
   from latent_diffusion_jax.data.tokenizers import build_word_tokenizer, load_tokenizer
-  from latent_diffusion_jax.training import diffusion_trainer
+  from latent_diffusion_jax.training import driver
   c = load_config_file(os.path.join(ROOT, "configs/shapes_ldm.py:tiny"))
   tok = load_tokenizer(build_word_tokenizer(shapes.vocabulary(), str(tmp_path / "tok"),
                                             c.model.text_encoder.max_length))
@@ -187,7 +187,7 @@ def test_train_two_steps_from_latent_shards(tmp_path):
   previous = jax.config.jax_default_prng_impl
   jax.config.update("jax_default_prng_impl", "unsafe_rbg")
   try:
-    result = diffusion_trainer.train(c, str(tmp_path / "work"))
+    result = driver.train(c, str(tmp_path / "work"))
   finally:
     jax.config.update("jax_default_prng_impl", previous)
   assert result["step"] == 2 and np.isfinite(result["last_metrics"]["loss"])

@@ -9,7 +9,7 @@ import pytest
 from latent_diffusion_jax.core.config import base_config
 from latent_diffusion_jax.models import lpips as lpips_lib
 from latent_diffusion_jax.interop import lpips as lpips_convert
-from latent_diffusion_jax.training.autoencoder_trainer import load_lpips_params
+from latent_diffusion_jax.training.stages.autoencoder import load_lpips_params
 
 ATOL = 1e-4
 

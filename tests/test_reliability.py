@@ -25,6 +25,7 @@ from clu import metric_writers
 from latent_diffusion_jax.core.errors import StorageError
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.config import base_config
+from latent_diffusion_jax.core.errors import StorageError
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.checkpoints import resume as resume_lib

@@ -36,7 +36,7 @@ def parse_arg(arg: str | None, **defaults):
 def base_config() -> mc.ConfigDict:
   """All keys, with the defaults of a Stable Diffusion 1.5-sized text-to-image run."""
   c = mc.ConfigDict()
-  # Which trainer runs the config: "diffusion" (stage 2) or "autoencoder" (stage 1).
+  # Which stage trains (training/stages/): "diffusion" (stage 2) or "autoencoder" (stage 1).
   c.stage = "diffusion"
   # Fixed seed: runs are reproducible unless the user changes it.
   c.seed = 0
@@ -101,7 +101,7 @@ def base_config() -> mc.ConfigDict:
   # Probability of training on the empty prompt, for classifier-free guidance.
   c.diffusion.caption_dropout = 0.1
 
-  # Stage 1 (training/autoencoder_trainer.py); defaults are the LDM / SD kl-f8 first-stage recipe.
+  # Stage 1 (training/stages/autoencoder.py); defaults are the LDM / SD kl-f8 first-stage recipe.
   c.autoencoder = mc.ConfigDict()
   # "kl" (AutoencoderKL) or "vq" (VQModel); both take their layout from model.vae.
   c.autoencoder.kind = "kl"
@@ -203,6 +203,8 @@ def base_config() -> mc.ConfigDict:
   c.data.latent_shards = ""
   # webdataset: tar shards as a path, glob or brace pattern ("shards/{00000..00127}.tar").
   c.data.webdataset = ""
+  # Stage 1 on webdataset (required there): held-out tar shards for PSNR/SSIM and the latent scale.
+  c.data.eval_webdataset = ""
   # Examples in each host's shuffle buffer (latent_shards, webdataset).
   c.data.shuffle_buffer = 10_000
   # latent_shards: files read and shuffled together; a resume re-reads at most this many files.
@@ -214,6 +216,7 @@ def base_config() -> mc.ConfigDict:
   c.data.use_text_embeddings = False
   # latent_shards: refuse shards encoded by a VAE other than frozen.vae (fingerprint of params).
   c.data.check_vae_fingerprint = True
+  # Embedded dataset sizes; num_test also caps the held-out images read from data.eval_webdataset.
   c.data.num_train = 20000
   c.data.num_test = 512
   # Where TFDS datasets are prepared; "" means <workdir>/tfds.

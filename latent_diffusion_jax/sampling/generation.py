@@ -346,7 +346,8 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              sampler: str = "ddim", eta: float = 0.0, batch_size: Optional[int] = None,
              mesh: Optional[Mesh] = None, initial_latents: Optional[np.ndarray] = None,
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
-             progress_fn: Optional[ProgressFn] = None) -> np.ndarray:
+             progress_fn: Optional[ProgressFn] = None,
+             params: Optional[SampleParams] = None) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -363,13 +364,15 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     batch_size: images per device call, rounded up to a multiple of the mesh's batch shards;
       default 4 per shard. The last batch is padded and the padding dropped.
     mesh: devices to split each batch over (dims "data" x "fsdp"); default all local devices.
-      Parameters are replicated on it.
+      Parameters are replicated on it, unless `params` are given.
     initial_latents: optional float [N, h, w, c] noise in UNet units, replacing the seeded noise
       (for comparisons with other implementations).
     class_labels: int class per image, for class-conditional models without text encoder.
     output_type: "uint8" ([0, 255]) or "float" (float32 in [0, 1], before rounding).
     progress_fn: called as progress_fn(batches_done, num_batches, images_in_batch) after each
       batch's images reach the host.
+    params: `SampleParams` already placed on `mesh` (e.g. a train state's sharded params), used
+      as they are instead of the bundle's, which are then not read; no host copy is made.
 
   Returns:
     [N, H, W, 3] images, uint8 or float32 as `output_type` says.
@@ -404,7 +407,8 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   if batch_size is not None and b != min(batch_size, n):
     logging.info("Batch size %d padded to %d, a multiple of the mesh's batch shards.",
                  batch_size, b)
-  params = jax.device_put(tuple(bundle_params(bundle)), NamedSharding(mesh, PartitionSpec()))
+  if params is None:
+    params = jax.device_put(tuple(bundle_params(bundle)), NamedSharding(mesh, PartitionSpec()))
 
   num_batches = -(-n // b)
   outputs, pending = [], None

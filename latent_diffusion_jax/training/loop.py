@@ -1,4 +1,5 @@
-"""The host-side training loop shared by the trainers: steps, metrics, checkpoints, preemption.
+"""The host-side training loop of every stage (run by training/driver.py): steps, metrics,
+checkpoints, preemption.
 
 The device never waits for the host: a step's metrics are fetched after the next step has been
 dispatched (one step late), except at checkpoint steps, where they are checked before saving so a

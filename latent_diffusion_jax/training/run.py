@@ -1,6 +1,6 @@
-"""Dispatches a config to its trainer and applies process-wide settings.
+"""Process-wide settings around the run driver (training/driver.py), which runs `config.stage`.
 
-Before the trainer starts, in this order: the compute dtype is checked, the multi-process runtime
+Before the driver starts, in this order: the compute dtype is checked, the multi-process runtime
 starts (from `config.distributed`, or cluster auto-detection; before any other JAX call), and the
 workdir is checked to be writable, so these faults end the run at once with a message instead of
 failing later or hanging.
@@ -75,18 +75,12 @@ def check_workdir(workdir: str) -> None:
 
 
 def run_training(config: mc.ConfigDict, workdir: str) -> dict:
-  """Trains stage 1 (`config.stage == "autoencoder"`) or stage 2 (anything else) in `workdir`."""
+  """Trains the stage `config.stage` names (training/stages/) in `workdir` with the run driver."""
   logs.quiet_libraries()
   check_precision(config)
   start_distributed(config)
   check_workdir(workdir)
-  stage = config.get("stage", "diffusion")
-  if stage == "autoencoder":
-    from latent_diffusion_jax.training.autoencoder_trainer import train
-  elif stage == "diffusion":
-    from latent_diffusion_jax.training.diffusion_trainer import train
-  else:
-    raise UserInputError(f"Unknown config.stage {stage!r}; valid: autoencoder, diffusion.")
-  result = train(config, workdir)
+  from latent_diffusion_jax.training import driver  # heavy (models, data readers): after the checks
+  result = driver.train(config, workdir)
   logging.info("Finished at step %d%s", result["step"], " (preempted)" if result["preempted"] else "")
   return result

@@ -1,4 +1,4 @@
-"""Run set-up shared by the trainers: config checks, mesh, sharded or restored state, compile."""
+"""Run set-up the driver (training/driver.py) uses: config checks, sharded or restored state, compile."""
 
 from typing import Any, Callable, Dict, Optional, Tuple
 
@@ -43,7 +43,7 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
   Args:
     trained_modules: name -> module of the networks in `state.params` that foreign weights
       (training.init_checkpoint naming a diffusers / single-file / native export) may initialize;
-      None when this trainer only starts from its own workdirs.
+      None when the stage only starts from its own workdirs.
 
   Returns:
     (state, shardings, data_state or None, meta or None).
@@ -59,7 +59,7 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
     if source.step is None:
       if not trained_modules:
         raise UserInputError(f"training.init_checkpoint={config.training.init_checkpoint!r} is not a "
-                         "workdir of this package, and this trainer imports no foreign weights.")
+                         "workdir of this package, and this stage imports no foreign weights.")
       from latent_diffusion_jax.training import foreign_init
       imported = foreign_init.import_params(source.path, trained_modules,
                                             allow_pickle=config.frozen.allow_pickle)
