@@ -50,7 +50,7 @@ def _abstract_state(config):
   import jax
   from latent_diffusion_jax.core import parallel
   from latent_diffusion_jax.models import build
-  from latent_diffusion_jax.training.diffusion_trainer import build_init_fn
+  from latent_diffusion_jax.training.stages.diffusion import build_init_fn
   from latent_diffusion_jax.training.state import make_optimizer
   unet, text = build.build_unet(config.model), build.build_text_encoder(config.model)
   tx = make_optimizer(config.optimizer, config.training.num_steps)

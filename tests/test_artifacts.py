@@ -263,8 +263,8 @@ def test_stage2_workdir_ema_and_raw_params_are_the_state_trees(workdirs):
     assert_trees_equal(bundle.text_encoder_params, state[tree]["text_encoder"])
     assert bundle.metadata["step"] == 2 and bundle.vae_params is not None
   assert _differs(ema.unet_params, raw.unet_params)
-  assert ema.metadata["source"] == f"workdir:{ldm} step=latest ema=True"
-  assert raw.metadata["source"] == f"workdir:{ldm} step=latest ema=False"
+  assert ema.metadata["source"] == f"workdir:{ldm} step=2 ema=True"
+  assert raw.metadata["source"] == f"workdir:{ldm} step=2 ema=False"
   # An older step is another state.
   first = load_bundle(Source(ldm, step=1, ema=False))
   assert_trees_equal(first.unet_params, _full_state(ldm, 1)["params"]["unet"])
