@@ -4,10 +4,15 @@
 
 The LDM paper's VQ-regularized f4 first stage at the size of configs/shapes_autoencoder.py: the
 same encoder/decoder (32x32x3 images -> 8x8 latents), 3 latent channels (vq-f4's z_channels and
-embed_dim), a codebook updated by EMA (robust against dead codes in a short run, where the codebook
-loss of taming's recipe leaves most of an N(0, 0.02) codebook unused). Stage 2 trains on the
-pre-quantization latents (configs/shapes_ldm_vq.py); decoding quantizes them. The held-out PSNR /
-SSIM and the latent scale factor (1/std of the pre-quantization latents) go to <workdir>/stage1.json.
+embed_dim), 512 codes updated by EMA. Stage 2 trains on the pre-quantization latents
+(configs/shapes_ldm_vq.py); decoding quantizes them. The held-out PSNR / SSIM and the latent scale
+factor (1/std of the pre-quantization latents) go to <workdir>/stage1.json.
+
+Measured on the 512 held-out images (2 loaded CPU cores), with the caption-fidelity detector run
+on the reconstructions (the ceiling for stage 2's samples; originals score 100%):
+  EMA codebook, 1200 steps (this config)   30.81 dB, SSIM 0.955, color 98.2%, 164 codes in use
+  EMA codebook, 850 steps                  27.60 dB, SSIM 0.915, color 94.3% (cyan <-> blue)
+  codebook loss (vq_ema_decay=0), 850      25.95 dB, SSIM 0.922, color 53.5%, 320 codes in use
 Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
 """
 
@@ -44,7 +49,7 @@ def get_config(arg=None):
   # taming's VQ loss has no output log-variance.
   a.learn_logvar = False
   # As configs/shapes_autoencoder.py: a gentle adversarial term for the last sixth of the run.
-  a.disc_start = 701
+  a.disc_start = 1001
   a.disc_weight = 0.05
   a.disc_loss = "hinge"
   a.disc_channels = 16
@@ -58,7 +63,7 @@ def get_config(arg=None):
   c.optimizer.ema_decay = 0.0
 
   c.training.batch_size = 8
-  c.training.num_steps = 850
+  c.training.num_steps = 1200
   c.training.log_every = 50
   c.training.checkpoint_every = 400
   c.training.sample_every = 0
