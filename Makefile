@@ -5,8 +5,9 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 
 DEMO ?= workdirs/demo
+DEMO_VQ ?= workdirs/demo_vq
 
-.PHONY: venv test demo clean
+.PHONY: venv test demo demo-vq clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,6 +36,20 @@ demo: venv
 	  --num_images_per_prompt 4
 	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint $(DEMO)/ldm \
 	  --out $(DEMO)/caption_fidelity --min_accuracy 0.8
+
+# The same on the LDM paper's VQ-regularized f4 first stage: stage 2 diffuses the VQ model's
+# pre-quantization latents and samples decode through its quantizer.
+demo-vq: venv
+	$(PY) train.py --config configs/shapes_vq_autoencoder.py --workdir $(DEMO_VQ)/autoencoder \
+	  --config.data.data_dir=$(DEMO_VQ)/tfds
+	$(PY) train.py --config configs/shapes_ldm_vq.py --workdir $(DEMO_VQ)/ldm \
+	  --config.data.data_dir=$(DEMO_VQ)/tfds --config.frozen.vae=$(DEMO_VQ)/autoencoder
+	$(PY) sample.py --checkpoint $(DEMO_VQ)/ldm --out $(DEMO_VQ)/samples --guidance_scale 3 --steps 50 \
+	  --prompt "a red circle in the top left" --prompt "a blue square in the bottom right" \
+	  --prompt "a yellow triangle in the top right" --prompt "a green circle in the bottom left" \
+	  --num_images_per_prompt 4
+	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint $(DEMO_VQ)/ldm \
+	  --out $(DEMO_VQ)/caption_fidelity --min_accuracy 0.8
 
 clean:
 	rm -rf $(VENV)

@@ -7,7 +7,13 @@ As LDM's first_stage_models/vq-f4 config: ch 128, ch_mult (1, 2, 4), 2 res block
 channels, codebook 8192 x 3 with commitment beta 0.25 and codebook weight 1, L1 + LPIPS, PatchGAN
 hinge loss with the adaptive weight (disc_weight 0.75) from the first step. Adam(0.5, 0.9) at
 4.5e-6 times the global batch. `--config.autoencoder.vq_ema_decay=0.99` swaps the codebook loss for
-EMA codebook updates. Stage 2 trains on the pre-quantization latents; decoding quantizes them.
+EMA codebook updates.
+Stage 2 on this first stage: its config describes it with the same keys (autoencoder.kind="vq",
+num_vq_embeddings, vq_embed_dim and model.vae; `core.config.copy_first_stage(c, <this config>)`
+copies them) and sets the UNet's in/out channels to 3, with --config.frozen.vae=workdirs/vq_f4.
+It then trains on the pre-quantization latents (encoder + quant_conv, scaled by 1/std from
+stage1.json), and sampling decodes them through the quantizer; configs/shapes_ldm_vq.py does this
+for the embedded shapes demo. A frozen.vae of another kind or shape stops stage 2 naming the key.
 Arguments: `tiny` (same structure, tiny widths and codebook, no LPIPS: a 2-step smoke run).
 """
 

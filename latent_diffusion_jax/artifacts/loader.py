@@ -7,7 +7,9 @@
 Kinds of source (`detect_kind`):
   workdir          a training workdir of ours (`checkpoints/`); `step` and `ema` choose the
                    params; only those arrays are read from the checkpoint.
-  diffusers        a diffusers pipeline directory (`model_index.json`, or `unet/` / `vae/`).
+  diffusers        a diffusers pipeline directory (`model_index.json`, or `unet/` / `vae/`):
+                   a StableDiffusionPipeline, or an LDMTextToImagePipeline (`vqvae/` a VQModel,
+                   `bert/` a CLIPTextModel).
   diffusers_model  one diffusers model directory: `config.json` of a UNet2DConditionModel,
                    AutoencoderKL or VQModel.
   transformers     a transformers CLIPTextModel directory (a frozen text encoder).
@@ -218,23 +220,21 @@ def load_networks(source: "Source | str", wanted: Sequence[str], *, dtype: Any =
   from latent_diffusion_jax.interop import diffusers
   if kind == "diffusers_model":
     dirs = {_DIFFUSERS_MODELS[_read_json(os.path.join(path, "config.json"))["_class_name"]]: path}
-  else:
-    dirs = {name: os.path.join(path, name) for name in NETWORKS
-            if os.path.isdir(os.path.join(path, name))}
+  else:  # both pipeline layouts: vae/ or vqvae/, text_encoder/ or bert/
+    dirs = diffusers.component_dirs(path, NETWORKS)
   found, scale = {}, None
   if "unet" in wanted and "unet" in dirs:
     module, params, _ = diffusers.load_unet(dirs["unet"], allow_pickle=pickle_ok, **overrides)
     found["unet"] = Network(module, params)
   if "vae" in wanted and "vae" in dirs:
-    if _read_json(os.path.join(dirs["vae"], "config.json")).get("_class_name") == "VQModel":
-      from latent_diffusion_jax.interop.diffusers_vq import load_vq_model
-      module, params, cfg = load_vq_model(dirs["vae"], allow_pickle=pickle_ok, **overrides)
-    else:
-      module, params, cfg = diffusers.load_vae(dirs["vae"], allow_pickle=pickle_ok, **overrides)
+    # AutoencoderKL or VQModel, by the config's _class_name.
+    module, params, cfg = diffusers.load_first_stage(dirs["vae"], allow_pickle=pickle_ok,
+                                                     **overrides)
     found["vae"] = Network(module, params)
     scale = float(cfg["scaling_factor"]) if "scaling_factor" in cfg else None
   if "text_encoder" in wanted and "text_encoder" in dirs:
     from latent_diffusion_jax.interop.clip import load_clip_text_model
+    diffusers.check_text_encoder_dir(dirs["text_encoder"])
     found["text_encoder"] = Network(*load_clip_text_model(
         dirs["text_encoder"], allow_pickle=pickle_ok, **text_kw))
   return Networks(found, scale)
@@ -250,7 +250,9 @@ def _from_bundle(bundle: ModelBundle, wanted: Sequence[str]) -> Networks:
 
 def pipeline_parts(path: str, names: Sequence[str]) -> Dict[str, str]:
   """The subdirectories among `names` (vae, text_encoder, tokenizer, ...) of a diffusers pipeline
-  directory at `path`; empty for any other source."""
+  directory at `path` (an LDMTextToImagePipeline's vqvae/ and bert/ under our names vae and
+  text_encoder); empty for any other source."""
   if not path or not os.path.isfile(os.path.join(path, "model_index.json")):
     return {}
-  return {n: os.path.join(path, n) for n in names if os.path.isdir(os.path.join(path, n))}
+  from latent_diffusion_jax.interop.diffusers import component_dirs
+  return component_dirs(path, names)

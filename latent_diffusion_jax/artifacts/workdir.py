@@ -98,12 +98,15 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
                 dtype: Optional[Any] = None, attention_impl: Optional[str] = None,
                 networks: Sequence[str] = ("unet", "vae", "text_encoder")) -> ModelBundle:
   """Everything sampling and export need from a stage-2 run: the trained networks of a step and
-  the frozen ones the run stored. `networks` limits what is read (the others stay None)."""
+  the frozen ones the run stored. `networks` limits what is read (the others stay None).
+
+  The first stage is rebuilt from the run's config: `autoencoder.kind` ("kl", or "vq" with the
+  codebook keys) and `model.vae`, which the trainer checked against the frozen network."""
   ckpt, step, config, meta = read_run(workdir, step)
   _check_kind(meta, workdir, DIFFUSION_KIND)
   config = _overridden(config, dtype, attention_impl)
   te = config.model.text_encoder
-  unet, vae = build.build_unet(config.model), build.build_vae(config.model)
+  unet, vae = build.build_unet(config.model), build.build_first_stage(config)
   text_encoder = build.build_text_encoder(config.model)
   trained = {"unet": unet} if "unet" in networks else {}
   if te.trainable and text_encoder is not None and "text_encoder" in networks:
@@ -112,6 +115,10 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
   vae_params = load_frozen(workdir, "vae") if "vae" in networks else None
   if "vae" in networks and vae_params is None:
     raise MissingInputError(f"{workdir}/frozen/vae.safetensors is missing; the run cannot be sampled.")
+  if vae_params is not None and ("quantize" in vae_params) != (build.first_stage_kind(vae) == "vq"):
+    raise UserInputError(
+        f"{workdir}/frozen/vae.safetensors holds a {'VQ' if 'quantize' in vae_params else 'KL'} "
+        f"first stage, but the run's config says autoencoder.kind={config.autoencoder.kind!r}.")
   text_params = None
   if text_encoder is not None and "text_encoder" in networks:
     text_params = params.get("text_encoder") if te.trainable else load_frozen(workdir, "text_encoder")

@@ -103,7 +103,12 @@ def base_config() -> mc.ConfigDict:
 
   # Stage 1 (training/stages/autoencoder.py); defaults are the LDM / SD kl-f8 first-stage recipe.
   c.autoencoder = mc.ConfigDict()
-  # "kl" (AutoencoderKL) or "vq" (VQModel); both take their layout from model.vae.
+  # "kl" (AutoencoderKL) or "vq" (VQModel); both take their layout from model.vae. In stage 1 the
+  # network trained; in stage 2 the kind of the frozen first stage (frozen.vae must be one; a
+  # mismatch stops the run), which sampling, export and resuming rebuild from the run's config:
+  # "kl" diffuses posterior samples, "vq" the pre-quantization latents (encoder + quant_conv; the
+  # UNet's in/out channels = the codebook's vector size), which decoding quantizes. A "vq" stage 2
+  # also repeats its first stage's model.vae, num_vq_embeddings and vq_embed_dim.
   c.autoencoder.kind = "kl"
   # Weight of KL(q(z|x) || N(0, I)) against the summed L1 reconstruction error (LDM: ~1e-6).
   c.autoencoder.kl_weight = 1e-6
@@ -184,8 +189,9 @@ def base_config() -> mc.ConfigDict:
   c.training.scale_estimate_batches = 4
 
   c.frozen = mc.ConfigDict()
-  # The first stage: a stage-1 workdir of ours, a diffusers AutoencoderKL directory, or "" for a
-  # randomly initialized one (tests only).
+  # The first stage: a stage-1 workdir of ours, a diffusers AutoencoderKL or VQModel directory (or a
+  # pipeline holding one), or "" for a randomly initialized one (tests only). Its kind must be
+  # autoencoder.kind.
   c.frozen.vae = ""
   # The frozen text encoder (kind "clip"): a transformers CLIPTextModel directory, or "" for random.
   c.frozen.text_encoder = ""
@@ -340,6 +346,25 @@ def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:
   c.data.num_train = 64
   c.data.num_test = 16
   return c
+
+
+# The keys that describe a first stage (besides its kind): a stage-2 config repeats them so that
+# every reader of the run rebuilds its frozen autoencoder (models/build.build_first_stage).
+FIRST_STAGE_KEYS = ("autoencoder.kind", "autoencoder.num_vq_embeddings", "autoencoder.vq_embed_dim",
+                    "model.vae", "model.image_size")
+
+
+def copy_first_stage(stage2: mc.ConfigDict, stage1: mc.ConfigDict) -> mc.ConfigDict:
+  """Sets `stage2`'s first-stage description (FIRST_STAGE_KEYS) to `stage1`'s, in place, so a
+  stage-2 config states its first stage once: by naming the stage-1 config that trains it."""
+  for key in FIRST_STAGE_KEYS:
+    section, name = key.split(".")
+    value = stage1[section][name]
+    if isinstance(value, mc.ConfigDict):
+      stage2[section][name].update(value.to_dict())
+    else:
+      stage2[section][name] = value
+  return stage2
 
 
 def load_config_file(path_and_arg: str) -> mc.ConfigDict:

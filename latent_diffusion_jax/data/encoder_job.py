@@ -33,6 +33,7 @@ from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.pre_encode import fingerprint
 from latent_diffusion_jax.data.shard_reading import expand_patterns
 from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
+from latent_diffusion_jax.models.build import first_stage_kind
 from latent_diffusion_jax.core.errors import UserInputError
 
 _SKIPPED_KEYS_KEPT = 20  # per reason, in each shard's stats file
@@ -41,11 +42,14 @@ _SKIPPED_KEYS_KEPT = 20  # per reason, in each shard's stats file
 class BatchEncoder:
   """Jitted VAE (+ optional text) encoding of fixed-size batches over this host's devices.
 
+  Stores what stage 2 trains on: a KL model's posterior moments ("moments"), or a VQ model's
+  deterministic pre-quantization latents ("latents"; `field` says which).
+
   Args:
     vae, vae_params: the frozen first stage (its `dtype` is the compute dtype).
     text_encoder, text_params: a frozen text encoder to store embeddings of, or None.
     batch_size: images per call; rounded up to a multiple of the local device count.
-    storage_dtype: "float16" or "bfloat16" for the stored moments.
+    storage_dtype: "float16" or "bfloat16" for the stored moments or latents.
     devices: devices to split batches over; default this host's.
   """
 
@@ -56,6 +60,8 @@ class BatchEncoder:
     self.mesh = parallel.create_mesh((-1, 1, 1), devices=list(devices or jax.local_devices()))
     self.batch_size = math.ceil(batch_size / self.mesh.size) * self.mesh.size
     self.storage_dtype = storage_dtype
+    self.first_stage = first_stage_kind(vae)
+    self.field = ls.FIELDS[self.first_stage]
     self.vae_fingerprint = fingerprint(vae_params)
     self.text_fingerprint = fingerprint(text_params) if text_params is not None else None
     replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -64,13 +70,16 @@ class BatchEncoder:
 
     def encode(params, images, input_ids):
       x = pixels.to_float(images)
-      moments = vae.apply({"params": params["vae"]}, x, method=vae.encode).astype(jnp.float32)
-      posterior = DiagonalGaussian(moments)
+      encoded = vae.apply({"params": params["vae"]}, x, method=vae.encode).astype(jnp.float32)
       # Per-example sums of E[z] and E[z^2] for the manifest's 1/std scale estimate.
-      axes = tuple(range(1, moments.ndim))
-      sums = jnp.stack([posterior.mean.sum(axes),
-                        (posterior.mean**2 + jnp.exp(posterior.logvar)).sum(axes)], -1)
-      out = {"moments": moments.astype(store), "latent_sums": sums}
+      axes = tuple(range(1, encoded.ndim))
+      if self.first_stage == "vq":  # deterministic: z itself
+        sums = jnp.stack([encoded.sum(axes), (encoded**2).sum(axes)], -1)
+      else:
+        posterior = DiagonalGaussian(encoded)
+        sums = jnp.stack([posterior.mean.sum(axes),
+                          (posterior.mean**2 + jnp.exp(posterior.logvar)).sum(axes)], -1)
+      out = {self.field: encoded.astype(store), "latent_sums": sums}
       if params["text"] is not None:
         hidden = text_encoder.apply({"params": params["text"]}, input_ids)
         out["context"] = hidden.context.astype(jnp.float16)
@@ -130,15 +139,19 @@ def output_names(files: Sequence[str]) -> List[str]:
 
 def _job_description(config, prep: wds.Preprocessing, encoder: BatchEncoder, tokenizer) -> dict:
   shapes = encoder.output_shapes(prep.resolution, config.model.text_encoder.max_length)
-  return {
+  job = {
       "format": ls.FORMAT, "vae_fingerprint": encoder.vae_fingerprint,
       "text_encoder_fingerprint": encoder.text_fingerprint,
       "tokenizer_fingerprint": ls.tokenizer_fingerprint(tokenizer),
       "preprocessing": dataclasses.asdict(prep), "storage_dtype": encoder.storage_dtype,
-      "compute_dtype": config.model.dtype, "moments_shape": list(shapes["moments"]),
+      "compute_dtype": config.model.dtype, f"{encoder.field}_shape": list(shapes[encoder.field]),
       "max_length": config.model.text_encoder.max_length,
       "context_shape": list(shapes["context"]) if "context" in shapes else None,
   }
+  # KL jobs keep the keys of the jobs written before VQ support, so those resume unchanged.
+  if encoder.first_stage != "kl":
+    job["first_stage"] = encoder.first_stage
+  return job
 
 
 def _check_job(output_dir: str, job: dict, process_index: int) -> None:
@@ -258,14 +271,17 @@ class _ShardEncoder:
       shard = r["shard"]
       if shard.writer is None:
         shard.writer = ls.ShardWriter(posixpath.join(self.output_dir, shard.stats["output"]))
+      field = self.encoder.field
       shard.writer.write(ls.serialize_example(
-          key=r["key"], caption=r["caption"], moments=outputs["moments"][i],
+          key=r["key"], caption=r["caption"], **{field: outputs[field][i]},
           input_ids=r["input_ids"], original_size=r["original_size"],
           crop_offset=r["crop_offset"], context=contexts[i]))
       sums = shard.stats["latent_sums"]
       sums[0] += float(outputs["latent_sums"][i, 0])
       sums[1] += float(outputs["latent_sums"][i, 1])
-      sums[2] += int(np.prod(outputs["moments"].shape[1:])) // 2
+      # Latent elements: moments hold two numbers (mean, logvar) per element.
+      elements = int(np.prod(outputs[field].shape[1:]))
+      sums[2] += elements // 2 if field == "moments" else elements
       shard.stats["kept"] += 1
       shard.pending -= 1
     self.progress.encoded += len(records)

@@ -6,13 +6,20 @@ resumed job must match) and, once every shard is done, `manifest.json`.
 
 Per example (tf.train.Example features):
   key, caption            bytes
-  moments                 raw little-endian bytes of [h, w, 2C] in the manifest's `storage_dtype`
-                          (float16 or bfloat16): channels [:C] the posterior mean, [C:] its logvar
+  moments                 KL first stage: raw little-endian bytes of [h, w, 2C] in the manifest's
+                          `storage_dtype` (float16 or bfloat16): channels [:C] the posterior mean,
+                          [C:] its logvar
   moments_shape           int64 [3];  moments_dtype  bytes ("float16" / "bfloat16")
+  latents, latents_shape, VQ first stage, instead of moments: its deterministic pre-quantization
+  latents_dtype           latents [h, w, embed_dim] (encoder + quant_conv), same encoding
   input_ids               int64 [max_length], padded with the pad token
   context, context_shape  optional: float16 bytes of the frozen text encoder's output [L, D]
   original_size           int64 [2] (height, width) before resizing
   crop_offset             int64 [2] (top, left) of the crop in the resized image
+
+The manifest says which: `first_stage` "vq" with `latents_shape`, or (absent: "kl", as every
+directory written before VQ support) `moments_shape`. Batches carry the field of the same name,
+which `training.diffusion_step.encode_latents` reads.
 
 Training reader (deterministic, exactly resumable): each host reads files[process_index::count].
 Every epoch the host's files are permuted from (seed, host, epoch) and cut into windows of
@@ -42,6 +49,21 @@ SHARD_SUFFIX = ".tfrecord"
 STATS_SUFFIX = ".stats.json"
 FORMAT = "latent_shards/v1"
 _TF_DTYPES = {"float16": tf.float16, "bfloat16": tf.bfloat16}
+# The stored field per first-stage kind (autoencoder.kind).
+FIELDS = {"kl": "moments", "vq": "latents"}
+
+
+def first_stage(manifest: dict) -> str:
+  """The first-stage kind ("kl" or "vq") whose encodings a manifest's shards hold."""
+  return manifest.get("first_stage", "kl")
+
+
+def stored_field(manifest: dict) -> str:
+  """The per-example field holding the encodings: "moments" (KL) or "latents" (VQ)."""
+  kind = first_stage(manifest)
+  if kind not in FIELDS:
+    raise UserInputError(f"Latent shards of an unknown first stage {kind!r}; known: {sorted(FIELDS)}.")
+  return FIELDS[kind]
 
 
 def _bytes(*values: bytes) -> tf.train.Feature:
@@ -52,14 +74,21 @@ def _ints(values) -> tf.train.Feature:
   return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
 
 
-def serialize_example(*, key: str, caption: str, moments: np.ndarray, input_ids: np.ndarray,
+def serialize_example(*, key: str, caption: str, input_ids: np.ndarray,
                       original_size: Sequence[int], crop_offset: Sequence[int],
+                      moments: Optional[np.ndarray] = None, latents: Optional[np.ndarray] = None,
                       context: Optional[np.ndarray] = None) -> bytes:
-  """One encoded sample as a serialized tf.train.Example (layout in the module docstring)."""
+  """One encoded sample as a serialized tf.train.Example (layout in the module docstring).
+
+  Exactly one of `moments` (KL first stage) and `latents` (VQ first stage) is given.
+  """
+  if (moments is None) == (latents is None):
+    raise UserInputError("serialize_example takes exactly one of moments (KL) and latents (VQ).")
+  field, array = ("moments", moments) if moments is not None else ("latents", latents)
   features = {
       "key": _bytes(key.encode("utf-8")), "caption": _bytes(caption.encode("utf-8")),
-      "moments": _bytes(np.ascontiguousarray(moments).tobytes()),
-      "moments_shape": _ints(moments.shape), "moments_dtype": _bytes(moments.dtype.name.encode()),
+      field: _bytes(np.ascontiguousarray(array).tobytes()),
+      f"{field}_shape": _ints(array.shape), f"{field}_dtype": _bytes(array.dtype.name.encode()),
       "input_ids": _ints(input_ids), "original_size": _ints(original_size),
       "crop_offset": _ints(crop_offset),
   }
@@ -72,12 +101,13 @@ def serialize_example(*, key: str, caption: str, moments: np.ndarray, input_ids:
 def parse_example(serialized: bytes) -> Dict[str, Any]:
   """Reads one example back into numpy (for tools and tests; training parses in tf.data)."""
   f = tf.train.Example.FromString(serialized).features.feature
-  dtype = np.dtype(tf.as_dtype(f["moments_dtype"].bytes_list.value[0].decode()).as_numpy_dtype)
+  field = "moments" if "moments" in f else "latents"
+  dtype = np.dtype(tf.as_dtype(f[f"{field}_dtype"].bytes_list.value[0].decode()).as_numpy_dtype)
   out = {
       "key": f["key"].bytes_list.value[0].decode("utf-8"),
       "caption": f["caption"].bytes_list.value[0].decode("utf-8"),
-      "moments": np.frombuffer(f["moments"].bytes_list.value[0], dtype).reshape(
-          f["moments_shape"].int64_list.value),
+      field: np.frombuffer(f[field].bytes_list.value[0], dtype).reshape(
+          f[f"{field}_shape"].int64_list.value),
       "input_ids": np.asarray(f["input_ids"].int64_list.value, np.int32),
       "original_size": tuple(f["original_size"].int64_list.value),
       "crop_offset": tuple(f["crop_offset"].int64_list.value),
@@ -158,8 +188,8 @@ def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
     counts.append(int(shards[name]["kept"]))
   first, *others = manifests.values()
   for other in others:
-    for field in ("storage_dtype", "moments_shape", "max_length", "context_shape",
-                  "vae_fingerprint", "tokenizer_fingerprint"):
+    for field in ("first_stage", "storage_dtype", "moments_shape", "latents_shape", "max_length",
+                  "context_shape", "vae_fingerprint", "tokenizer_fingerprint"):
       if other.get(field) != first.get(field):
         raise UserInputError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
                          f"{other.get(field)}.")
@@ -187,8 +217,10 @@ def _window_plan(files: Sequence[str], counts: Sequence[int], *, seed: int, proc
 
 
 def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: int, seed: int,
-                   start_batch: int, moments_shape: Sequence[int], storage_dtype: str,
-                   max_length: int, context_shape: Optional[Sequence[int]] = None,
+                   start_batch: int, storage_dtype: str, max_length: int,
+                   moments_shape: Optional[Sequence[int]] = None,
+                   latents_shape: Optional[Sequence[int]] = None,
+                   context_shape: Optional[Sequence[int]] = None,
                    with_metadata: bool = False, process_index: int = 0,
                    shuffle_buffer: int = 10_000, files_per_window: int = 16,
                    prefetch: int = 2) -> tf.data.Dataset:
@@ -199,8 +231,10 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
     local_batch: examples per batch on this host (global batch / process count).
     seed: data-order seed.
     start_batch: batches already consumed (0 for a fresh run).
-    moments_shape, storage_dtype, max_length, context_shape: the stored layout (manifest);
-      context_shape None leaves text embeddings out.
+    storage_dtype, max_length, context_shape: the stored layout (manifest); context_shape None
+      leaves text embeddings out.
+    moments_shape, latents_shape: the shape of the stored encodings, exactly one given: KL
+      moments or VQ latents (the manifest's `first_stage` says which).
     with_metadata: also return key, caption, original_size, crop_offset.
     process_index: this host's index (decorrelates hosts' orders).
     shuffle_buffer: examples in each window's shuffle buffer.
@@ -208,9 +242,13 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
     prefetch: batches prepared ahead.
 
   Returns:
-    A tf.data.Dataset of dicts: moments [B, h, w, 2C] (storage dtype), input_ids int32
-    [B, max_length], optionally context float16 [B, L, D] and the metadata fields.
+    A tf.data.Dataset of dicts: moments [B, h, w, 2C] or latents [B, h, w, d] (storage dtype),
+    input_ids int32 [B, max_length], optionally context float16 [B, L, D] and the metadata fields.
   """
+  if (moments_shape is None) == (latents_shape is None):
+    raise UserInputError("latent_dataset takes exactly one of moments_shape and latents_shape.")
+  field, shape = (("moments", moments_shape) if moments_shape is not None
+                  else ("latents", latents_shape))
   if not files or sum(counts) == 0:
     raise UserInputError(f"Host {process_index} has no latent examples to read ({len(files)} files).")
   plan = tf.data.Dataset.from_generator(
@@ -226,7 +264,7 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
         num_parallel_calls=files_per_window, deterministic=True)
     return records.shuffle(shuffle_buffer, seed=shuffle_seed).skip(skip)
 
-  spec = {"moments": tf.io.FixedLenFeature([], tf.string),
+  spec = {field: tf.io.FixedLenFeature([], tf.string),
           "input_ids": tf.io.FixedLenFeature([max_length], tf.int64)}
   if context_shape is not None:
     spec["context"] = tf.io.FixedLenFeature([], tf.string)
@@ -239,8 +277,7 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
   def parse(serialized):
     f = tf.io.parse_example(serialized, spec)
     out = dict(f)
-    out["moments"] = tf.reshape(tf.io.decode_raw(f["moments"], _TF_DTYPES[storage_dtype]),
-                                [-1, *moments_shape])
+    out[field] = tf.reshape(tf.io.decode_raw(f[field], _TF_DTYPES[storage_dtype]), [-1, *shape])
     out["input_ids"] = tf.cast(f["input_ids"], tf.int32)
     if context_shape is not None:
       out["context"] = tf.reshape(tf.io.decode_raw(f["context"], tf.float16), [-1, *context_shape])
@@ -260,10 +297,21 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
   from latent_diffusion_jax.models import build
-  size, channels = build.latent_size(config.model), 2 * config.model.vae.latent_channels
-  if list(manifest["moments_shape"]) != [size, size, channels]:
-    raise UserInputError(f"Latent shards hold moments {manifest['moments_shape']}, the model expects "
-                     f"{[size, size, channels]} (model.image_size / VAE); encode at this size.")
+  kind, field = first_stage(manifest), stored_field(manifest)
+  if kind != config.autoencoder.kind:
+    raise UserInputError(
+        f"Latent shards hold {field} of a {kind.upper()} first stage, but autoencoder.kind="
+        f"{config.autoencoder.kind!r}; set autoencoder.kind={kind!r} (with that first stage as "
+        "frozen.vae) or encode the data with this run's first stage.")
+  size = build.latent_size(config.model)
+  if kind == "vq":
+    channels = build.first_stage_latent_channels(build.build_first_stage(config))
+  else:
+    channels = 2 * config.model.vae.latent_channels
+  if list(manifest[f"{field}_shape"]) != [size, size, channels]:
+    raise UserInputError(f"Latent shards hold {field} {manifest[f'{field}_shape']}, the model "
+                         f"expects {[size, size, channels]} (model.image_size / VAE); encode at "
+                         "this size.")
   te = config.model.text_encoder
   if te.kind != "none" and manifest["max_length"] != te.max_length:
     raise UserInputError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
@@ -301,7 +349,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
     process_index, process_count: this host's place; default: JAX's.
 
   Returns:
-    Batches of {"moments", "input_ids"} (or "context" with data.use_text_embeddings), numpy.
+    Batches of {"moments" (KL) or "latents" (VQ), "input_ids"} (or "context" with
+    data.use_text_embeddings), numpy.
   """
   if not config.data.latent_shards:
     raise UserInputError("data.kind='latent_shards' needs data.latent_shards: the output directory of "
@@ -313,10 +362,13 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
   use_context = bool(config.data.use_text_embeddings)
   keep_ids = config.model.text_encoder.kind != "none" and not use_context
 
+  field = stored_field(manifest)
+  shape = {f"{field}_shape": manifest[f"{field}_shape"]}
+
   def make_dataset(start_batch: int) -> tf.data.Dataset:
     return latent_dataset(
         mine, host_counts, local_batch=global_batch // pc, seed=config.seed,
-        start_batch=start_batch, moments_shape=manifest["moments_shape"],
+        start_batch=start_batch, **shape,
         storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
         context_shape=manifest["context_shape"] if use_context else None, process_index=pi,
         shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,

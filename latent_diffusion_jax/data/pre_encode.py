@@ -1,7 +1,9 @@
 """Encodes an in-memory image set once with the frozen VAE, so training steps read latents.
 
-The moments (mean, logvar) are cached in the workdir as float16 under a fingerprint of the VAE
-params and the images, so a restart or a second run with the same first stage skips the work.
+What is stored depends on the first stage: a KL model's posterior moments (mean, logvar), from
+which each step samples; a VQ model's pre-quantization latents, which are deterministic. They are
+cached in the workdir as float16 under a fingerprint of the VAE params and the images, so a
+restart or a second run with the same first stage skips the work.
 """
 
 import hashlib
@@ -13,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from latent_diffusion_jax.core import pixels
+from latent_diffusion_jax.models.vq import VQModel
 from absl import logging
 
 
@@ -25,12 +28,21 @@ def fingerprint(*trees) -> str:
   return h.hexdigest()[:16]
 
 
+def batch_field(vae) -> str:
+  """The batch key of what `encode_images` returns for `vae`: "latents" for a VQ model
+  (deterministic pre-quantization latents), "moments" for a KL model. `encode_latents`
+  (training/diffusion_step.py) also reads a VQ model's latents under "moments"."""
+  return "latents" if isinstance(vae, VQModel) else "moments"
+
+
 def encode_images(vae, vae_params, images: np.ndarray, *, batch_size: int = 256,
                   cache_dir: str | None = None) -> np.ndarray:
-  """VAE posterior moments float16 [N, h, w, 2C] of uint8 images [N, H, W, 3]."""
+  """float16 encodings of uint8 images [N, H, W, 3]: KL posterior moments [N, h, w, 2C], or a VQ
+  model's pre-quantization latents [N, h, w, embed_dim] (`batch_field` names them)."""
   path = None
   if cache_dir:
-    path = os.path.join(cache_dir, f"moments_{fingerprint(vae_params, images[:64])}_{len(images)}.npy")
+    name = batch_field(vae)
+    path = os.path.join(cache_dir, f"{name}_{fingerprint(vae_params, images[:64])}_{len(images)}.npy")
     if os.path.isfile(path):
       logging.info("Using cached latents %s", path)
       return np.load(path)

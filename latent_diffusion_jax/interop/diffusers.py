@@ -1,12 +1,13 @@
 """Loading diffusers-layout model directories (safetensors) into our modules and param trees.
 
 A pipeline directory holds `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and `scheduler/`, each
-with a config and weights, as `StableDiffusionPipeline.save_pretrained` writes them.
+with a config and weights, as `StableDiffusionPipeline.save_pretrained` writes them; an
+`LDMTextToImagePipeline` directory (a VQ first stage) names two of them `vqvae/` and `bert/`.
 """
 
 import json
 import os
-from typing import Any, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +15,29 @@ import jax.numpy as jnp
 from latent_diffusion_jax.interop.convert import torch_to_flax
 from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_config,
                                                            vae_from_diffusers_config)
+from latent_diffusion_jax.interop.diffusers_vq import load_vq_model
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
-from latent_diffusion_jax.core.errors import MissingInputError
+from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
+
+# Our network names -> their subdirectory in a StableDiffusionPipeline / an LDMTextToImagePipeline.
+COMPONENT_DIRS = {"unet": ("unet",), "vae": ("vae", "vqvae"),
+                  "text_encoder": ("text_encoder", "bert"), "tokenizer": ("tokenizer",)}
+
+
+def component_dirs(directory: str, names=tuple(COMPONENT_DIRS)) -> Dict[str, str]:
+  """Our network name -> the subdirectory of the pipeline `directory` holding it, for those
+  among `names` that it has (both pipeline layouts)."""
+  out = {}
+  for name in names:
+    for sub in COMPONENT_DIRS.get(name, (name,)):
+      if os.path.isdir(os.path.join(directory, sub)):
+        out[name] = os.path.join(directory, sub)
+        break
+  return out
 
 
 def abstract_unet_params(unet: UNet2DConditionModel, sample_size: int = 8) -> Any:
@@ -63,9 +81,31 @@ def load_vae(directory: str, *, allow_pickle: bool = False,
   return vae, params, cfg
 
 
+def load_first_stage(directory: str, *, allow_pickle: bool = False, **overrides) -> Tuple[Any, Any, dict]:
+  """Loads a diffusers `AutoencoderKL` or `VQModel` directory (by its config's `_class_name`).
+
+  Returns:
+    (AutoencoderKL or VQModel, params as numpy arrays, the diffusers config dict).
+  """
+  if load_config(directory).get("_class_name") == "VQModel":
+    return load_vq_model(directory, allow_pickle=allow_pickle, **overrides)
+  return load_vae(directory, allow_pickle=allow_pickle, **overrides)
+
+
+def check_text_encoder_dir(directory: str) -> None:
+  """Refuses diffusers' LDMBertModel (an LDMTextToImagePipeline's original `bert`), which this
+  package does not implement; a CLIPTextModel there loads."""
+  cfg = load_config(directory)
+  if cfg.get("model_type") == "ldmbert" or "LDMBertModel" in cfg.get("architectures", ()):
+    raise UserInputError(f"{directory} holds diffusers' LDMBertModel, which this package does not "
+                         "implement; only CLIPTextModel text encoders load.")
+
+
 def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_layer: str = "last",
                   **overrides) -> ModelBundle:
-  """Loads a diffusers Stable Diffusion pipeline directory (unet, vae, text_encoder, tokenizer, scheduler).
+  """Loads a diffusers Stable Diffusion pipeline directory (unet, vae, text_encoder, tokenizer,
+  scheduler), or an LDMTextToImagePipeline one (unet, vqvae, bert = a CLIPTextModel, tokenizer,
+  scheduler).
 
   Args:
     directory: the pipeline directory.
@@ -75,16 +115,19 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
   """
   if not os.path.isdir(directory):
     raise MissingInputError(f"No pipeline directory at {directory!r}.")
+  dirs = component_dirs(directory)
   for part in ("unet", "vae"):
-    if not os.path.isdir(os.path.join(directory, part)):
-      raise MissingInputError(f"{directory!r} has no {part}/ subdirectory; is it a diffusers pipeline?")
-  unet, unet_params, unet_cfg = load_unet(os.path.join(directory, "unet"), allow_pickle=allow_pickle, **overrides)
-  vae, vae_params, vae_cfg = load_vae(os.path.join(directory, "vae"), allow_pickle=allow_pickle, **overrides)
+    if part not in dirs:
+      raise MissingInputError(f"{directory!r} has no {'/ or '.join(COMPONENT_DIRS[part])}/ "
+                              "subdirectory; is it a diffusers pipeline?")
+  unet, unet_params, unet_cfg = load_unet(dirs["unet"], allow_pickle=allow_pickle, **overrides)
+  vae, vae_params, vae_cfg = load_first_stage(dirs["vae"], allow_pickle=allow_pickle, **overrides)
   text_encoder = text_params = None
-  if os.path.isdir(os.path.join(directory, "text_encoder")):
+  if "text_encoder" in dirs:
     from latent_diffusion_jax.interop.clip import load_clip_text_model
+    check_text_encoder_dir(dirs["text_encoder"])
     text_encoder, text_params = load_clip_text_model(
-        os.path.join(directory, "text_encoder"), output_layer=text_output_layer,
+        dirs["text_encoder"], output_layer=text_output_layer,
         allow_pickle=allow_pickle, **{k: v for k, v in overrides.items() if k == "dtype"})
   tokenizer = os.path.join(directory, "tokenizer")
   scheduler_cfg = {}

@@ -4,6 +4,7 @@ from typing import Any, Dict
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel, heads_per_level
+from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
 
 _CROSS_DOWN, _PLAIN_DOWN = "CrossAttnDownBlock2D", "DownBlock2D"
@@ -144,3 +145,10 @@ def vae_to_diffusers_config(vae: AutoencoderKL, sample_size: int, scaling_factor
   """The diffusers config dict that describes `vae`."""
   return {**autoencoder_config(vae, "AutoencoderKL", sample_size, scaling_factor),
           "use_quant_conv": vae.use_quant_conv, "use_post_quant_conv": vae.use_quant_conv}
+
+
+def vq_to_diffusers_config(vq: VQModel, sample_size: int, scaling_factor: float) -> Dict[str, Any]:
+  """The diffusers `VQModel` config dict that describes `vq`."""
+  return {**autoencoder_config(vq, "VQModel", sample_size, scaling_factor),
+          "num_vq_embeddings": vq.num_vq_embeddings, "vq_embed_dim": vq.embed_dim,
+          "norm_type": "group", "lookup_from_codebook": False, "force_upcast": False}

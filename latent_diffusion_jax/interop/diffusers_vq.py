@@ -6,6 +6,9 @@ supported; MoVQ's spatial-norm decoder (norm_type="spatial") is refused.
 
   vq, params, cfg = load_vq_model("/path/to/vqmodel")
   export_vq_model(vq, params, "/tmp/vq_export", sample_size=256, scaling_factor=1.0)
+
+A whole VQ latent diffusion model (a ModelBundle whose vae is a VQModel) is written by
+`interop.export_diffusers.export_diffusers` as an `LDMTextToImagePipeline` directory.
 """
 
 import json
@@ -16,12 +19,16 @@ import jax
 import jax.numpy as jnp
 
 from latent_diffusion_jax.interop.convert import flax_to_torch, torch_to_flax
-from latent_diffusion_jax.interop.diffusers_config import (autoencoder_config, autoencoder_fields,
-                                                           check_autoencoder_blocks)
+from latent_diffusion_jax.interop.diffusers_config import (autoencoder_fields,
+                                                           check_autoencoder_blocks,
+                                                           vq_to_diffusers_config)
 from latent_diffusion_jax.interop.export_diffusers import cast_state_dict, numpy_dtype, save_safetensors
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
+
+__all__ = ["vq_from_diffusers_config", "vq_to_diffusers_config", "abstract_vq_params",
+           "load_vq_model", "export_vq_model"]
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
@@ -38,13 +45,6 @@ def vq_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> VQModel:
                 vq_embed_dim=cfg.get("vq_embed_dim") or kwargs["latent_channels"])
   kwargs.update(overrides)
   return VQModel(**kwargs)
-
-
-def vq_to_diffusers_config(vq: VQModel, sample_size: int, scaling_factor: float) -> Dict[str, Any]:
-  """The diffusers config dict that describes `vq`."""
-  return {**autoencoder_config(vq, "VQModel", sample_size, scaling_factor),
-          "num_vq_embeddings": vq.num_vq_embeddings, "vq_embed_dim": vq.embed_dim,
-          "norm_type": "group", "lookup_from_codebook": False, "force_upcast": False}
 
 
 def abstract_vq_params(vq: VQModel) -> Any:

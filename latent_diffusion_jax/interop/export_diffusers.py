@@ -1,9 +1,19 @@
-"""Writes a ModelBundle as a diffusers Stable Diffusion pipeline directory (safetensors only).
+"""Writes a ModelBundle as a diffusers pipeline directory (safetensors only).
 
-The directory loads offline in PyTorch with
-`StableDiffusionPipeline.from_pretrained(out_dir, local_files_only=True)` and back into JAX with
-`interop.diffusers.load_pipeline(out_dir)`. The helpers here (dtype casts, safetensors writing with
-header metadata, tokenizer copies) are shared by the single-file and native exporters.
+A KL model becomes a `StableDiffusionPipeline` directory; it loads offline in PyTorch with
+`StableDiffusionPipeline.from_pretrained(out_dir, local_files_only=True)`. A VQ model (the LDM
+paper's VQ-f4 family) becomes an `LDMTextToImagePipeline` directory (vqvae/, bert/ holding the CLIP
+text encoder, tokenizer/, unet/, scheduler/): the diffusers pipeline whose `vqvae` may be a
+`VQModel`, and which decodes through the quantizer (`VQModel.decode`) as our sampler does;
+StableDiffusionPipeline cannot hold one (it calls `vae.decode(..., generator=...)`, which
+`VQModel.decode` does not take). Load it with `DiffusionPipeline.from_pretrained(out_dir,
+local_files_only=True)`. That pipeline's `__call__` pads prompts to 77 tokens and sizes latents
+as height // 8, whatever the model: call it with height = width = 8 * latent size (or pass
+`latents`), and with a text encoder of 77 positions; its components work at any size. Both
+layouts load back into JAX with `interop.diffusers.load_pipeline(out_dir)`.
+
+The helpers here (dtype casts, safetensors writing with header metadata, tokenizer copies) are
+shared by the single-file and native exporters.
 """
 
 import json
@@ -11,13 +21,15 @@ import os
 import shutil
 from typing import Any, Dict, Mapping, Optional
 
+from absl import logging
 import ml_dtypes
 import numpy as np
 
 from latent_diffusion_jax.interop.clip import clip_params_to_torch
 from latent_diffusion_jax.interop.convert import flax_to_torch
 from latent_diffusion_jax.interop.diffusers_config import (unet_to_diffusers_config,
-                                                           vae_to_diffusers_config)
+                                                           vae_to_diffusers_config,
+                                                           vq_to_diffusers_config)
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
@@ -28,6 +40,12 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
               "dpmpp_2m": "DPMSolverMultistepScheduler"}
 # Our schedule names -> diffusers' beta_schedule names.
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
+# The pipeline class and component directory names per first-stage kind (bundle.first_stage_kind).
+PIPELINES = {"kl": "StableDiffusionPipeline", "vq": "LDMTextToImagePipeline"}
+_COMPONENT_DIRS = {"kl": {"vae": "vae", "text_encoder": "text_encoder"},
+                   "vq": {"vae": "vqvae", "text_encoder": "bert"}}
+# Prompt length LDMTextToImagePipeline.__call__ pads to.
+_LDM_PIPELINE_MAX_LENGTH = 77
 
 
 class ExportError(UserInputError):
@@ -163,15 +181,17 @@ def scheduler_config(diffusion: DiffusionSpec, scheduler: str = "ddim") -> dict:
 def check_diffusers_compatible(bundle: ModelBundle) -> None:
   """Raises ExportError when a pipeline directory cannot hold the bundle."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel
+  pipeline = PIPELINES[bundle.first_stage_kind]
   if bundle.text_encoder is None:
     raise ExportError(
-        "This model has no text encoder; a StableDiffusionPipeline directory needs a CLIP text "
+        f"This model has no text encoder; a {pipeline} directory needs a CLIP text "
         "encoder. Export it with --format native (export_native) instead.")
   if not isinstance(bundle.text_encoder, CLIPTextModel):
     raise ExportError(
         f"The text encoder is a {type(bundle.text_encoder).__name__} (the LDM paper's jointly "
-        "trained conditioner), which diffusers and transformers have no class for. Export it with "
-        "--format native (export_native), which keeps every network in our own layout.")
+        "trained conditioner), which diffusers and transformers have no class for (diffusers' "
+        f"LDMBertModel is another network), so no {pipeline} directory can hold it. Export it "
+        "with --format native (export_native), which keeps every network in our own layout.")
   if bundle.tokenizer_path is None:
     raise ExportError(
         "The bundle has no tokenizer (tokenizer_path is None), and a diffusers pipeline directory "
@@ -205,7 +225,8 @@ def _special_token_ids(tokenizer_path: str) -> Dict[str, int]:
 
 def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32",
                      scheduler: str = "ddim") -> Dict[str, str]:
-  """Writes `bundle` as a diffusers StableDiffusionPipeline directory.
+  """Writes `bundle` as a diffusers StableDiffusionPipeline directory, or for a VQ first stage as
+  an LDMTextToImagePipeline directory (see the module docstring).
 
   Args:
     bundle: the model; its text encoder must be a `CLIPTextModel` and it needs a tokenizer.
@@ -215,7 +236,8 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
       betas and prediction type are always those of the training schedule.
 
   Returns:
-    Component name -> path written (unet, vae, text_encoder, tokenizer, scheduler, model_index).
+    Component name -> path written (unet, vae, text_encoder, tokenizer, scheduler, model_index);
+    for a VQ model "vae" is the vqvae/ directory and "text_encoder" the bert/ one.
 
   Raises:
     ExportError: the bundle has no diffusers equivalent (no CLIP text encoder or no tokenizer);
@@ -224,20 +246,31 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
   check_diffusers_compatible(bundle)
   numpy_dtype(dtype)
   sched_cfg = scheduler_config(bundle.diffusion, scheduler)
+  kind = bundle.first_stage_kind
+  dirs = _COMPONENT_DIRS[kind]
+  if kind == "vq" and bundle.max_length != _LDM_PIPELINE_MAX_LENGTH:
+    logging.warning("LDMTextToImagePipeline.__call__ pads prompts to %d tokens, but this text "
+                    "encoder takes %d: call its components (or our sampler) instead of the "
+                    "pipeline.", _LDM_PIPELINE_MAX_LENGTH, bundle.max_length)
   os.makedirs(out_dir, exist_ok=True)
   written = {}
 
   unet_cfg = unet_to_diffusers_config(bundle.unet, bundle.latent_size)
-  vae_cfg = vae_to_diffusers_config(bundle.vae, bundle.image_size, bundle.scaling_factor)
+  if kind == "vq":
+    vae_cfg = vq_to_diffusers_config(bundle.vae, bundle.image_size, bundle.scaling_factor)
+  else:
+    vae_cfg = vae_to_diffusers_config(bundle.vae, bundle.image_size, bundle.scaling_factor)
   text_cfg, text_sd = text_encoder_for_export(bundle)
   text_cfg.update(_special_token_ids(bundle.tokenizer_path))
   parts = (
-      ("unet", unet_cfg, flax_to_torch(bundle.unet_params), "diffusion_pytorch_model.safetensors"),
-      ("vae", vae_cfg, flax_to_torch(bundle.vae_params), "diffusion_pytorch_model.safetensors"),
-      ("text_encoder", text_cfg, text_sd, "model.safetensors"),
+      ("unet", "unet", unet_cfg, flax_to_torch(bundle.unet_params),
+       "diffusion_pytorch_model.safetensors"),
+      ("vae", dirs["vae"], vae_cfg, flax_to_torch(bundle.vae_params),
+       "diffusion_pytorch_model.safetensors"),
+      ("text_encoder", dirs["text_encoder"], text_cfg, text_sd, "model.safetensors"),
   )
-  for name, cfg, state_dict, filename in parts:
-    sub = os.path.join(out_dir, name)
+  for name, subdir, cfg, state_dict, filename in parts:
+    sub = os.path.join(out_dir, subdir)
     os.makedirs(sub, exist_ok=True)
     _write_json(os.path.join(sub, "config.json"), cfg)
     save_safetensors(cast_state_dict(state_dict, dtype), os.path.join(sub, filename),
@@ -250,8 +283,18 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
   written["scheduler"] = os.path.join(out_dir, "scheduler", "scheduler_config.json")
   _write_json(written["scheduler"], sched_cfg)
   written["model_index"] = os.path.join(out_dir, "model_index.json")
+  if kind == "vq":
+    _write_json(written["model_index"], {
+        "_class_name": PIPELINES["vq"],
+        "vqvae": ["diffusers", "VQModel"],
+        "bert": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", sched_cfg["_class_name"]],
+    })
+    return written
   _write_json(written["model_index"], {
-      "_class_name": "StableDiffusionPipeline",
+      "_class_name": PIPELINES["kl"],
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
       "text_encoder": ["transformers", "CLIPTextModel"],

@@ -1,7 +1,8 @@
 """Our own export format: one safetensors file per network in our Flax layout, plus config.json.
 
 It holds any ModelBundle, including the ones diffusers cannot express (the LDM paper's jointly
-trained `LDMTextTransformer`, unconditional models), and loads back bit-identically:
+trained `LDMTextTransformer`, unconditional models), with a KL (`AutoencoderKL`) or VQ (`VQModel`)
+first stage, and loads back bit-identically:
 
   out_dir/config.json              module fields of each network, diffusion settings, version
   out_dir/unet.safetensors         flat keys "down_blocks_0/resnets_0/conv1/kernel", Flax layouts
@@ -31,12 +32,13 @@ from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.parallel import unbox
 from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 
 FORMAT = "latent_diffusion_jax.native"
 _CLASSES = {cls.__name__: cls for cls in
-            (UNet2DConditionModel, AutoencoderKL, CLIPTextModel, LDMTextTransformer)}
+            (UNet2DConditionModel, AutoencoderKL, VQModel, CLIPTextModel, LDMTextTransformer)}
 _DTYPE_FIELDS = ("dtype", "param_dtype")
 _NETWORKS = ("unet", "vae", "text_encoder")
 

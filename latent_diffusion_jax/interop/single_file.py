@@ -95,6 +95,10 @@ def export_single_file(bundle: ModelBundle, path: str, *, dtype: str = "float32"
   """
   if not path.endswith(".safetensors"):
     raise UserInputError(f"Single-file checkpoints are written as .safetensors; got {path!r}.")
+  if bundle.first_stage_kind == "vq":
+    raise ExportError("Single-file export writes Stable Diffusion's layout, whose first stage is "
+                      "an AutoencoderKL; this model's is a VQModel. Export it with --format "
+                      "native, or --format diffusers (an LDMTextToImagePipeline).")
   numpy_dtype(dtype)
   layout = _text_layout(bundle, text_layout)
   original = sf_config.original_config(bundle, layout)

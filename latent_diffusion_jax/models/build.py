@@ -9,6 +9,7 @@ import ml_collections as mc
 
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -39,22 +40,79 @@ def build_vae(model_cfg: mc.ConfigDict) -> AutoencoderKL:
 
 def build_first_stage(config: mc.ConfigDict) -> nn.Module:
   """The autoencoder of `config.autoencoder.kind`: "kl" (AutoencoderKL) or "vq" (VQModel), shaped
-  by `config.model.vae`."""
+  by `config.model.vae` (and, for VQ, the codebook keys of `config.autoencoder`).
+
+  Stage 1 trains this network; a stage-2 config describes its frozen first stage with the same
+  keys, so every consumer of a stage-2 run (loader, sampler, exporter) rebuilds the same network.
+  """
   kind = config.autoencoder.kind
   if kind == "kl":
     return build_vae(config.model)
   if kind == "vq":
-    from latent_diffusion_jax.models.vq import VQModel
     v, a, m = config.model.vae, config.autoencoder, config.model
     if not v.use_quant_conv:
       raise UserInputError("autoencoder.kind='vq' needs model.vae.use_quant_conv=True (VQModel has them).")
     return VQModel(in_channels=v.in_channels, out_channels=v.out_channels,
                    block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
                    latent_channels=v.latent_channels, num_vq_embeddings=a.num_vq_embeddings,
-                   vq_embed_dim=a.vq_embed_dim or None, norm_num_groups=v.norm_num_groups,
+                   vq_embed_dim=a.vq_embed_dim or v.latent_channels, norm_num_groups=v.norm_num_groups,
                    mid_block_attention=v.mid_block_attention, attention_impl=m.attention_impl,
                    dtype=dtype_of(m.dtype), param_dtype=dtype_of(m.param_dtype))
   raise UserInputError(f"Unknown autoencoder.kind {kind!r}; valid: kl, vq.")
+
+
+def first_stage_kind(module: nn.Module) -> str:
+  """"vq" for a VQModel, "kl" for an AutoencoderKL (the values of `autoencoder.kind`)."""
+  return "vq" if isinstance(module, VQModel) else "kl"
+
+
+def first_stage_latent_channels(module: nn.Module) -> int:
+  """Channels of the latents stage 2 diffuses: a VQ model's pre-quantization latents (its codebook
+  vector size), a KL model's posterior samples."""
+  return module.embed_dim if isinstance(module, VQModel) else module.latent_channels
+
+
+# Config key -> the VQModel field it sets (build_first_stage), for naming a mismatched key.
+_VQ_KEYS = {"model.vae.in_channels": "in_channels", "model.vae.out_channels": "out_channels",
+            "model.vae.block_out_channels": "block_out_channels",
+            "model.vae.layers_per_block": "layers_per_block",
+            "model.vae.latent_channels": "latent_channels",
+            "model.vae.norm_num_groups": "norm_num_groups",
+            "model.vae.mid_block_attention": "mid_block_attention",
+            "autoencoder.num_vq_embeddings": "num_vq_embeddings",
+            "autoencoder.vq_embed_dim": "embed_dim"}
+
+
+def check_first_stage(config: mc.ConfigDict, module: nn.Module, source: str) -> None:
+  """Refuses a frozen first stage that the stage-2 config does not describe.
+
+  The run's config is all that sampling, export and resuming read later to rebuild the first
+  stage, so its kind (`autoencoder.kind`) must be the loaded network's, and for a VQ model the
+  layout and codebook keys must build the same network.
+
+  Raises:
+    UserInputError: naming the mismatched key, its value and the network's.
+  """
+  kind, found = config.autoencoder.kind, first_stage_kind(module)
+  if kind != found:
+    raise UserInputError(
+        f"autoencoder.kind={kind!r}, but frozen.vae={source!r} is a {found.upper()} first stage "
+        f"({type(module).__name__}); set --config.autoencoder.kind={found} (and, for a VQ model, "
+        "its model.vae layout, autoencoder.num_vq_embeddings and autoencoder.vq_embed_dim).")
+  if found != "vq":
+    return
+  built = build_first_stage(config)
+  for key, field in _VQ_KEYS.items():
+    mine, theirs = getattr(built, field), getattr(module, field)
+    if (tuple(mine) if isinstance(mine, (list, tuple)) else mine) != (
+        tuple(theirs) if isinstance(theirs, (list, tuple)) else theirs):
+      raise UserInputError(f"{key}={mine!r} does not describe frozen.vae={source!r}, whose "
+                           f"{field} is {theirs!r}; set --config.{key} to match it.")
+  channels = first_stage_latent_channels(module)
+  if config.model.unet.out_channels != channels:
+    raise UserInputError(f"model.unet.out_channels={config.model.unet.out_channels}, but the VQ "
+                         f"first stage's pre-quantization latents have {channels} channels; set "
+                         f"model.unet.in_channels and out_channels to {channels}.")
 
 
 def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:

@@ -5,15 +5,31 @@ directory (`interop/diffusers.py`) or from a single-file checkpoint (`interop/si
 """
 
 import dataclasses
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
+from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
+
+FirstStage = Union[AutoencoderKL, VQModel]
+
+
+def decode_latents(vae: FirstStage, vae_params: Any, latents: jnp.ndarray) -> jnp.ndarray:
+  """Unscaled latents [B, h, w, c] -> images [B, H, W, 3] in about [-1, 1].
+
+  A VQ first stage quantizes first (nearest codebook entries, then post_quant_conv and decoder):
+  stage 2 diffuses its pre-quantization latents, and the LDM paper counts the quantizer as the
+  decoder's first layer (diffusers' `VQModel.decode` with force_not_quantize=False).
+  """
+  if isinstance(vae, VQModel):
+    return vae.apply({"params": vae_params}, latents, False, method=vae.decode)
+  return vae.apply({"params": vae_params}, latents, method=vae.decode)
 
 
 @dataclasses.dataclass
@@ -22,7 +38,8 @@ class ModelBundle:
 
   Attributes:
     unet, unet_params: the denoiser.
-    vae, vae_params: the first-stage autoencoder.
+    vae, vae_params: the first-stage autoencoder: an AutoencoderKL, or a VQModel whose
+      pre-quantization latents the UNet denoises (`decode_latents` quantizes them).
     text_encoder, text_encoder_params: the conditioner (CLIPTextModel or LDMTextTransformer), or
       None for unconditional / class-conditional models.
     tokenizer_path: a local tokenizer directory (CLIP layout), or None.
@@ -35,7 +52,7 @@ class ModelBundle:
   """
   unet: UNet2DConditionModel
   unet_params: Any
-  vae: AutoencoderKL
+  vae: FirstStage
   vae_params: Any
   text_encoder: Optional[nn.Module]
   text_encoder_params: Any
@@ -53,6 +70,20 @@ class ModelBundle:
   @property
   def latent_size(self) -> int:
     return self.image_size // self.vae.downsample_factor
+
+  @property
+  def first_stage_kind(self) -> str:
+    """"vq" or "kl" (the `autoencoder.kind` of the run that trained it)."""
+    return first_stage_kind(self.vae)
+
+  @property
+  def latent_channels(self) -> int:
+    """Channels of the latents the UNet denoises."""
+    return first_stage_latent_channels(self.vae)
+
+  def decode(self, latents: jnp.ndarray) -> jnp.ndarray:
+    """UNet-space (scaled) latents -> images in about [-1, 1], through the quantizer for VQ."""
+    return decode_latents(self.vae, self.vae_params, latents / self.scaling_factor)
 
   def encode_text(self, input_ids: jnp.ndarray) -> jnp.ndarray:
     """Token ids [B, L] -> context [B, L, D] for the UNet's cross-attention."""

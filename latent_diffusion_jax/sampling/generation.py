@@ -6,6 +6,8 @@
 Text encoding, the whole denoising loop (classifier-free guidance as one UNet call on a doubled
 batch), latent unscaling and the VAE decoder are one `jax.jit`, compiled once per model,
 settings and batch shape and reused across batches and calls (`make_sample_fn` caches it).
+A VQ first stage decodes through its quantizer (`models.bundle.decode_latents`): the UNet denoises
+pre-quantization latents, which are snapped to the codebook before the decoder.
 
 Reproducibility: image i starts from noise drawn with `fold_in(PRNGKey(seed), i)`, so it is the
 same image whatever the batch size or device count.
@@ -24,7 +26,7 @@ import numpy as np
 from latent_diffusion_jax.core import parallel, pixels
 from latent_diffusion_jax.diffusion import samplers
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
-from latent_diffusion_jax.models.bundle import ModelBundle
+from latent_diffusion_jax.models.bundle import ModelBundle, decode_latents
 from latent_diffusion_jax.core.errors import UserInputError
 
 SAMPLERS = samplers.SAMPLERS
@@ -117,10 +119,10 @@ def _check_sampler_args(sampler: str, num_steps: int, eta: float) -> None:
 
 def _check_supported(bundle: ModelBundle) -> None:
   unet = bundle.unet
-  if unet.in_channels != bundle.vae.latent_channels:
+  if unet.in_channels != bundle.latent_channels:
     raise UserInputError(
         f"The UNet takes {unet.in_channels} input channels but the VAE latent has "
-        f"{bundle.vae.latent_channels}: image-conditioned models (inpainting, upscaling) are not "
+        f"{bundle.latent_channels}: image-conditioned models (inpainting, upscaling) are not "
         "supported by text-to-image sampling.")
   if bundle.text_encoder is not None and unet.num_class_embeds is not None:
     raise UserInputError("Models conditioned on both text and class labels are not supported.")
@@ -213,8 +215,7 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
       latents = jax.vmap(one)(c, uc, latents_T, rng)
     else:
       latents = denoise(params, c, uc, latents_T, None)
-    images = model.vae.apply({"params": params.vae}, latents / model.scaling_factor,
-                             method="decode")
+    images = decode_latents(model.vae, params.vae, latents / model.scaling_factor)
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
   return SampleFn(sample_fn, guided)

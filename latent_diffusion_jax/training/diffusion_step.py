@@ -40,7 +40,35 @@ class DiffusionTask:
 
 def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.ndarray],
                    rng: jax.Array) -> jnp.ndarray:
-  """Unscaled latents sampled from the batch's moments, or from encoding its images."""
+  """Unscaled stage-2 latents of a batch, by the first stage's kind (`task.vae`).
+
+  KL: a sample of the posterior given by "moments" (mean, logvar), or of encoding "images".
+  VQ: the deterministic pre-quantization latents (encoder + quant_conv, not quantized; the LDM
+  paper's choice): "latents" (latent shards), "moments" (the in-memory pre-encode cache, which
+  stores a VQ model's latents under that batch key), or encoding "images".
+
+  Raises:
+    UserInputError: stored latents of the other kind (shape or field tells), e.g. KL moments fed
+      to a VQ run.
+  """
+  from latent_diffusion_jax.core.errors import UserInputError
+  from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
+  kind, channels = first_stage_kind(task.vae), first_stage_latent_channels(task.vae)
+  if kind == "vq":
+    stored = batch.get("latents", batch.get("moments"))
+    if stored is None:
+      stored = task.vae.apply({"params": vae_params}, pixels.to_float(batch["images"]),
+                              method=task.vae.encode)
+    if stored.shape[-1] != channels:
+      raise UserInputError(
+          f"The batch holds {stored.shape[-1]}-channel latents but the VQ first stage's "
+          f"pre-quantization latents have {channels} (KL moments have twice a KL model's latent "
+          "channels): encode the data with this first stage (autoencoder.kind='vq').")
+    return jax.lax.stop_gradient(stored.astype(jnp.float32))
+  if "latents" in batch:
+    raise UserInputError("The batch holds a VQ model's deterministic latents, but the first stage "
+                         "is KL (autoencoder.kind='kl'); set autoencoder.kind='vq' with the VQ "
+                         "first stage that encoded them as frozen.vae.")
   if "moments" in batch:
     moments = batch["moments"].astype(jnp.float32)
   else:

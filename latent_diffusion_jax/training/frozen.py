@@ -4,6 +4,7 @@ Sources (config.frozen), read by the one loader (artifacts/loader.py):
   vae:           any source with a first stage: a stage-1 workdir of ours (its latest EMA weights
                  and stored scale factor), a diffusers AutoencoderKL / VQModel or pipeline
                  directory, a single file, a native export; or "" for a random VAE (tests).
+                 Its kind (KL or VQ) must be `autoencoder.kind`.
   text_encoder:  a transformers CLIPTextModel directory or any source with one; "" for a random
                  one (tests).
 The tokenizer (frozen.tokenizer) is data: `data.tokenizers.prepare_run_tokenizer`.
@@ -37,10 +38,12 @@ def _source(config: mc.ConfigDict, key: str, valid: str) -> loader.Source:
 
 def load_vae(config: mc.ConfigDict) -> Tuple[Any, Any, Optional[float]]:
   """(module, params, scale factor stored with the source or None) of `frozen.vae`: any weight
-  source with a first stage (artifacts.loader), or "" for a random KL autoencoder (tests)."""
+  source with a first stage (artifacts.loader), or "" for a random autoencoder of
+  `autoencoder.kind` (tests). A loaded first stage must be what the config describes
+  (`build.check_first_stage`): the run's config is how its later readers rebuild it."""
   source = config.frozen.vae
   if not source:
-    vae = build.build_vae(config.model)
+    vae = build.build_first_stage(config)
     size = vae.downsample_factor * 2
     params = jax.jit(vae.init)(jax.random.key(config.seed + 1), jnp.zeros((1, size, size, 3)))
     return vae, jax.device_get(parallel.unbox(params["params"])), None
@@ -50,6 +53,7 @@ def load_vae(config: mc.ConfigDict) -> Tuple[Any, Any, Optional[float]]:
       ["vae"], **_overrides(config))
   if "vae" not in found.networks:
     raise UserInputError(f"frozen.vae={source!r} holds no first-stage autoencoder.")
+  build.check_first_stage(config, found.networks["vae"].module, source)
   return (*found.networks["vae"], found.scaling_factor)
 
 
