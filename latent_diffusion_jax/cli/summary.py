@@ -14,7 +14,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
 
 def summarize(config) -> dict:
   """{network name: parameter count} for the networks the config builds."""
-  return {name: count_params(tree) for name, tree in abstract_params(config.model).items()}
+  return {name: count_params(tree) for name, tree in abstract_params(config).items()}
 
 
 def main(argv):

@@ -2,7 +2,8 @@
 
 By `data.kind`:
   shapes          the embedded dataset, in memory (`load_shapes_split`); with `data.pre_encode` and
-                  a VAE the images are encoded once and batches carry "moments".
+                  a VAE the images are encoded once and batches carry "moments" (KL) or
+                  "latents" (VQ: pre-quantization latents).
   latent_shards   pre-encoded "moments" + "input_ids" (data/latent_shards.py); stage 2 only.
   webdataset      raw tar shards: "images" (+ "input_ids" with a tokenizer), data/webdataset.py.
 
@@ -63,8 +64,8 @@ def make_batches(config: mc.ConfigDict, workdir: str, global_batch: int, mesh, *
     from latent_diffusion_jax.data.array_iterator import ArrayIterator, index_log_path
     arrays = load_shapes_split(config, workdir, tokenizer, "train")
     if config.data.pre_encode and vae is not None:
-      from latent_diffusion_jax.data.pre_encode import encode_images
-      arrays["moments"] = encode_images(vae, vae_params, arrays.pop("images"),
+      from latent_diffusion_jax.data.pre_encode import batch_field, encode_images
+      arrays[batch_field(vae)] = encode_images(vae, vae_params, arrays.pop("images"),
                                         cache_dir=os.path.join(workdir, "latents"))
     it = ArrayIterator(arrays, global_batch, seed=config.seed, process_index=jax.process_index(),
                        process_count=jax.process_count(),

@@ -165,10 +165,12 @@ def abstract_module_params(module: nn.Module, max_length: int = 1) -> Any:
   return jax.eval_shape(init)["params"]
 
 
-def abstract_params(model_cfg: mc.ConfigDict) -> Dict[str, Any]:
-  """Boxed param shapes of each network of `model_cfg` (nothing is allocated)."""
+def abstract_params(config: mc.ConfigDict) -> Dict[str, Any]:
+  """Boxed param shapes of each network a run's config builds (nothing is allocated); the first
+  stage is the KL or VQ autoencoder `autoencoder.kind` names."""
+  model_cfg = config.model
   out = {"unet": abstract_module_params(build_unet(model_cfg)),
-         "vae": abstract_module_params(build_vae(model_cfg))}
+         "vae": abstract_module_params(build_first_stage(config))}
   text = build_text_encoder(model_cfg)
   if text is not None:
     out["text_encoder"] = abstract_module_params(text, model_cfg.text_encoder.max_length)
