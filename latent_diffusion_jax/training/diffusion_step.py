@@ -53,8 +53,10 @@ def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.nd
   """
   from latent_diffusion_jax.core.errors import UserInputError
   from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
-  kind, channels = first_stage_kind(task.vae), first_stage_latent_channels(task.vae)
+  # Without a first stage module the batch must carry KL moments (steps tested on stored latents).
+  kind = "kl" if task.vae is None else first_stage_kind(task.vae)
   if kind == "vq":
+    channels = first_stage_latent_channels(task.vae)
     stored = batch.get("latents", batch.get("moments"))
     if stored is None:
       stored = task.vae.apply({"params": vae_params}, pixels.to_float(batch["images"]),
