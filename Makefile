@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the CPU build that lies on this machine's disk; any other version pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+# The torchvision release built for that torch (the parity tests use its Inception-v3 blocks).
+TORCHVISION_SPEC ?= torchvision==0.28.0
 
 DEMO ?= workdirs/demo
 DEMO_VQ ?= workdirs/demo_vq
@@ -12,7 +14,7 @@ DEMO_VQ ?= workdirs/demo_vq
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
