@@ -1,0 +1,1 @@
+"""Feature networks of the generative metrics (FID Inception, CLIP, the shapes network)."""
