@@ -1,0 +1,1 @@
+"""Generative metrics on feature vectors: FID, Inception Score, CLIP score, precision/recall."""

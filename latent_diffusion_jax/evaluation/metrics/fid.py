@@ -1,0 +1,83 @@
+"""Frechet distance between Gaussian fits of two feature sets (FID, Heusel et al. 2017).
+
+Statistics files are `.npz` with arrays `mu` [D] and `sigma` [D, D], the format pytorch-fid and
+clean-fid write, so published reference statistics load as they are. The distance follows
+pytorch-fid's `calculate_frechet_distance`: scipy's `sqrtm` of the covariance product, an epsilon
+on the diagonals when that product is singular, and the real part when rounding leaves an
+imaginary residue.
+"""
+
+import dataclasses
+import os
+
+import numpy as np
+from scipy import linalg
+
+from latent_diffusion_jax.core.errors import InputFileError, MissingInputError, UserInputError
+
+# A covariance needs two samples; below the feature width it is singular and FID is biased high.
+MIN_IMAGES = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureStats:
+  mu: np.ndarray
+  sigma: np.ndarray
+  count: int = 0  # images behind the statistics (0: unknown, e.g. a published file)
+
+  @property
+  def dim(self) -> int:
+    return int(self.mu.shape[0])
+
+
+def feature_stats(features: np.ndarray) -> FeatureStats:
+  """Mean and covariance (unbiased, as numpy's `cov(rowvar=False)`) of [N, D] features."""
+  features = np.asarray(features, np.float64)
+  if features.ndim != 2:
+    raise UserInputError(f"features must be [N, D], got shape {features.shape}")
+  if len(features) < MIN_IMAGES:
+    raise UserInputError(
+        f"FID needs at least {MIN_IMAGES} images for a covariance, got {len(features)} "
+        f"(and at least the feature width, {features.shape[1]}, for a non-singular one)")
+  return FeatureStats(features.mean(0), np.cov(features, rowvar=False), len(features))
+
+
+def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
+  """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrt(S_a S_b))."""
+  if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
+    raise UserInputError(
+        f"feature widths differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (statistics from different "
+        "feature networks?)")
+  diff = a.mu - b.mu
+  covmean, _ = linalg.sqrtm(a.sigma.dot(b.sigma), disp=False)
+  if not np.isfinite(covmean).all():
+    offset = np.eye(a.sigma.shape[0]) * eps
+    covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ArithmeticError(
+          f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in the covariance square root")
+    covmean = covmean.real
+  return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def save_stats(path: str, stats: FeatureStats) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path, mu=stats.mu, sigma=stats.sigma, count=np.int64(stats.count))
+
+
+def load_stats(path: str) -> FeatureStats:
+  """Reads a pytorch-fid / clean-fid style `.npz` (`mu`, `sigma`)."""
+  if not os.path.exists(path):
+    raise MissingInputError(f"statistics file {path} does not exist")
+  try:
+    with np.load(path) as f:
+      if "mu" not in f or "sigma" not in f:
+        raise InputFileError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(f.files)}")
+      mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+      count = int(f["count"]) if "count" in f else 0
+  except (ValueError, OSError) as error:
+    raise InputFileError(f"{path} is not a readable .npz statistics file: {error}") from error
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+    raise InputFileError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+  return FeatureStats(mu, sigma, count)
