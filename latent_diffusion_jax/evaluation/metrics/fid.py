@@ -9,6 +9,7 @@ imaginary residue.
 
 import dataclasses
 import os
+import warnings
 
 import numpy as np
 from scipy import linalg
@@ -49,16 +50,24 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> flo
         f"feature widths differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (statistics from different "
         "feature networks?)")
   diff = a.mu - b.mu
-  covmean, _ = linalg.sqrtm(a.sigma.dot(b.sigma), disp=False)
+  covmean = _sqrtm(a.sigma.dot(b.sigma))
   if not np.isfinite(covmean).all():
     offset = np.eye(a.sigma.shape[0]) * eps
-    covmean = linalg.sqrtm((a.sigma + offset).dot(b.sigma + offset))
+    covmean = _sqrtm((a.sigma + offset).dot(b.sigma + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
       raise ArithmeticError(
           f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in the covariance square root")
     covmean = covmean.real
   return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+
+
+def _sqrtm(matrix: np.ndarray) -> np.ndarray:
+  # pytorch-fid passes disp=False (deprecated in SciPy 1.16, gone in 1.18) to silence the
+  # accuracy warning and ignores the error estimate; the same matrix comes back without it.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
+    return linalg.sqrtm(matrix)
 
 
 def save_stats(path: str, stats: FeatureStats) -> None:
