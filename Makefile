@@ -3,8 +3,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is pinned to the CPU build that lies on this machine's disk; any other version pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-# The torchvision release built for that torch (the parity tests use its Inception-v3 blocks).
+# The parity references of the evaluation networks (pytorch-fid's Inception on torchvision's blocks,
+# open_clip) go to their own folder, put on sys.path only by the tests that use them
+# (tests/torchvision_import.py): the torchvision wheels are linked against CUDA torch, and in
+# site-packages beside the CPU torch they would break transformers' and diffusers' model imports.
 TORCHVISION_SPEC ?= torchvision==0.28.0
+PARITY_REFS_SPEC := "$(TORCHVISION_SPEC)" pytorch-fid==0.3.0 open-clip-torch==3.3.0 timm ftfy wcwidth
 
 DEMO ?= workdirs/demo
 DEMO_VQ ?= workdirs/demo_vq
@@ -14,8 +18,9 @@ DEMO_VQ ?= workdirs/demo_vq
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps --target $(VENV)/parity_refs $(PARITY_REFS_SPEC)
 	touch $@
 
 venv: $(VENV)/.installed
