@@ -51,11 +51,13 @@ class ClipScorer:
     image_net: the image side as a FeatureNet ("clip").
     tokenizer: a transformers CLIP tokenizer.
     clean_captions: apply open_clip's caption cleaning before tokenizing (open_clip weights).
+    pad_id: the id written after the end-of-text token (open_clip: 0); None keeps the tokenizer's.
   """
   weights: ClipWeights
   image_net: FeatureNet
   tokenizer: Any = dataclasses.field(repr=False)
   clean_captions: bool = False
+  pad_id: Optional[int] = None
 
   @property
   def dim(self) -> int:
@@ -76,9 +78,13 @@ class ClipScorer:
       raise UserInputError("captions must be a list of strings")
     if self.clean_captions:
       captions = [clean_caption(c) for c in captions]
-    ids = self.tokenizer(list(captions), padding="max_length", truncation=True,
-                         max_length=self.context_length, return_tensors="np")["input_ids"]
-    return np.asarray(ids, np.int32).reshape(len(captions), self.context_length)
+    shape = (len(captions), self.context_length)
+    tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                            max_length=self.context_length, return_tensors="np")
+    ids = np.asarray(tokens["input_ids"], np.int32).reshape(shape)
+    if self.pad_id is not None:
+      ids = np.where(np.asarray(tokens["attention_mask"]).reshape(shape) > 0, ids, self.pad_id)
+    return ids.astype(np.int32)
 
   def text_features(self, captions: Sequence[str], *, batch_size: int = 256,
                     mesh: Optional[Mesh] = None) -> np.ndarray:
@@ -147,4 +153,6 @@ def load_clip(path: str, kind: str = "auto", model_name: Optional[str] = None, *
         "that directory or its tokenizer/ folder (CLIPModel.save_pretrained writes none; copy the "
         "model's tokenizer files there), or pass tokenizer_path"
         + ("" if kind == "transformers" else ", or install open_clip, whose BPE vocabulary is used"))
-  return ClipScorer(weights, clip_image_net(weights), tokenizer, clean_captions=kind == "open_clip")
+  open_clip = kind == "open_clip"
+  return ClipScorer(weights, clip_image_net(weights), tokenizer, clean_captions=open_clip,
+                    pad_id=0 if open_clip else None)

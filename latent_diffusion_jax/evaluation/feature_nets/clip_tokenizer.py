@@ -4,7 +4,7 @@ open_clip tokenizes with OpenAI's byte-pair vocabulary, which it ships in its pa
 (bpe_simple_vocab_16e6.txt.gz). `open_clip_tokenizer` turns that file into the vocab.json/merges.txt
 pair a `CLIPTokenizer` reads (the construction OpenAI's `SimpleTokenizer` does in memory: the 256
 byte symbols, the same with </w>, one token per merge, then <|startoftext|> and <|endoftext|>, 49408
-in all) and pads with id 0, as `open_clip.tokenize` does. `clean_caption` applies open_clip's text
+in all); `ClipScorer.tokenize` pads with id 0, as `open_clip.tokenize` does. `clean_caption` applies open_clip's text
 cleaning (ftfy when installed, HTML unescaping twice, whitespace collapsing, lowercase) first, so the
 ids equal open_clip's, truncation included: [SOT] + the first 75 tokens + [EOT].
 """
@@ -52,7 +52,10 @@ def write_open_clip_vocab(bpe_path: str, out_dir: str, context_length: int = 77)
     json.dump({t: i for i, t in enumerate(tokens)}, f, ensure_ascii=False)
   with open(os.path.join(out_dir, "merges.txt"), "w", encoding="utf-8") as f:
     f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-  special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": "!"}
+  # Padding is written as <|endoftext|>, not as "!" (id 0): a pad token is a special token, and
+  # "!" in a caption would then be read as padding. Callers put open_clip's 0 where the attention
+  # mask is zero (ClipScorer.tokenize); the pooled token is the first <|endoftext|> either way.
+  special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
   with open(os.path.join(out_dir, "special_tokens_map.json"), "w") as f:
     json.dump(special, f)
   with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
@@ -62,7 +65,7 @@ def write_open_clip_vocab(bpe_path: str, out_dir: str, context_length: int = 77)
 
 
 def open_clip_tokenizer(bpe_path: str, context_length: int = 77):
-  """A `CLIPTokenizer` equal to open_clip's tokenizer for `bpe_path`, padding with id 0."""
+  """A `CLIPTokenizer` with open_clip's vocabulary (padding with <|endoftext|>; see above)."""
   with tempfile.TemporaryDirectory() as tmp:
     return load_tokenizer(write_open_clip_vocab(bpe_path, tmp, context_length))
 
