@@ -327,3 +327,16 @@ def test_transformers_directory_without_tokenizer(hf_clip, tmp_path):
     load_clip(str(bare))
   scorer = load_clip(str(bare), tokenizer_path=directory)
   assert scorer.tokenize(["a cat"]).shape == (1, 16)
+
+
+def test_bfloat16_features_close_to_float32(open_clip_model):
+  import jax.numpy as jnp
+  directory, _, config = open_clip_model
+  weights = os.path.join(directory, "weights.safetensors")
+  images = _images(np.random.default_rng(6), 3, 40, 40)
+  full = load_clip(weights, model_name=config)
+  half = load_clip(weights, model_name=config, dtype=jnp.bfloat16)
+  for a, b in ((full.image_features(images), half.image_features(images)),
+               (full.text_features(CAPTIONS[:3]), half.text_features(CAPTIONS[:3]))):
+    print("bf16 vs fp32 cosines", pair_cosines(a, b))
+    assert np.all(pair_cosines(a, b) > 0.999)  # observed >= 0.9999 on this tiny model

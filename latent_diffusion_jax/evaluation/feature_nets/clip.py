@@ -32,11 +32,12 @@ from latent_diffusion_jax.evaluation.metrics.clip_score import ClipScore, clip_s
 
 def clip_image_net(weights: ClipWeights) -> FeatureNet:
   """FeatureNet "clip": images [N, H, W, 3] in [0, 1] -> {"features": [N, projection_dim]}."""
-  vision = weights.vision
+  # The closure holds no params: jitted functions stay cached (base._jitted) after a scorer is gone.
+  vision, mean, std, crop_rounding = weights.vision, weights.mean, weights.std, weights.crop_rounding
 
   def apply_fn(params, images):
-    pixels = clip_preprocess(images, vision.image_size, mean=weights.mean, std=weights.std,
-                             crop_rounding=weights.crop_rounding)
+    pixels = clip_preprocess(images, vision.image_size, mean=mean, std=std,
+                             crop_rounding=crop_rounding)
     return {"features": vision.apply({"params": params}, pixels.astype(vision.dtype))}
 
   return FeatureNet("clip", vision.projection_dim, apply_fn, weights.vision_params)
