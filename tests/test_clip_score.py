@@ -296,6 +296,8 @@ def test_loading_errors(tmp_path, open_clip_model):
     load_clip(weights, model_name="ViT-B-32")  # the wrong architecture for these weights
   with pytest.raises(UserInputError, match="kind"):
     load_clip(weights, kind="jax")
+  with pytest.raises(InputFileError, match="is a file"):
+    load_clip(weights, kind="transformers")
   unsupported = dict(OPEN_CLIP_TINY, vision_cfg=dict(OPEN_CLIP_TINY["vision_cfg"], ls_init_value=0.1))
   path = tmp_path / "ls.json"
   path.write_text(json.dumps(unsupported))

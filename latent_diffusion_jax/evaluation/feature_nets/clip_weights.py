@@ -177,6 +177,9 @@ def load_transformers_clip(directory: str, *, dtype: Any = jnp.float32,
                            allow_pickle: bool = False) -> ClipWeights:
   """Loads a transformers `CLIPModel` directory (see the module docstring)."""
   detect_kind(directory)  # existence and layout errors
+  if not os.path.isdir(directory):
+    raise InputFileError(f"transformers CLIP weights are a directory (config.json + "
+                         f"model.safetensors); {directory!r} is a file. Expected {_EXPECTED}.")
   with open(os.path.join(directory, "config.json")) as f:
     config = json.load(f)
   if "vision_config" not in config or "text_config" not in config:
