@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Sequence
 
+from latent_diffusion_jax.checkpoints.checkpointer import checkpoint_dir
 from latent_diffusion_jax.core.config import config_to_json
 from latent_diffusion_jax.core.errors import InputFileError, MissingInputError
 from latent_diffusion_jax.sweeps.spec import Point, Sweep
@@ -76,12 +77,14 @@ def command(sweep: Sweep, point: Point, workdir: str, python: str, train_py: str
 
 
 def latest_step(workdir: str) -> Optional[int]:
-  """The run's newest committed checkpoint step, or None."""
-  from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer  # orbax: only when needed
-  try:
-    return Checkpointer(workdir, read_only=True).latest_step()
-  except MissingInputError:
+  """The run's newest committed checkpoint step, or None (Orbax's step names, without opening a
+  CheckpointManager: unfinished saves keep temporary names and are not counted)."""
+  import orbax.checkpoint as ocp  # only when a point has run
+  directory = checkpoint_dir(workdir)
+  if not directory.is_dir():
     return None
+  steps = [m.step for m in ocp.step.standard_name_format().find_all(directory)]
+  return max(steps) if steps else None
 
 
 def read_record(workdir: str) -> Optional[dict]:
