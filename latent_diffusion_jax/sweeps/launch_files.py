@@ -95,7 +95,14 @@ def job_name(sweep: Sweep, options: LaunchOptions) -> str:
 
 _ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                           keep_trailing_newline=True, autoescape=False)
-_ENV.filters["q"] = shlex.quote
+
+
+def _shell_path(path: str) -> str:
+  """`path` quoted for bash, keeping a leading `~/` expandable."""
+  return "~/" + shlex.quote(path[2:]) if path.startswith("~/") else shlex.quote(path)
+
+
+_ENV.filters["path"] = _shell_path
 
 _SLURM = _ENV.from_string("""\
 #!/bin/bash
@@ -117,7 +124,7 @@ _SLURM = _ENV.from_string("""\
 # Sweep {{ sweep_path }} (base config {{ base_config }}): one array task per point, {{ nodes }}
 # node(s) each. A task that is requeued or resubmitted resumes from its point's workdir.
 set -euo pipefail
-cd {{ repo_dir | q }}
+cd {{ repo_dir | path }}
 case "$SLURM_ARRAY_TASK_ID" in
 {% for p in points %}
   {{ p.index }}) ARGS=({{ p.args }}) ;;  # {{ p.dirname }}
@@ -143,13 +150,13 @@ _TPU = _ENV.from_string("""\
 # fails is reported and the next one starts; rerunning this script resumes unfinished points.
 set -uo pipefail
 {% if nodes > 1 %}
-COORDINATOR="$(gcloud compute tpus tpu-vm describe {{ tpu_name | q }} {{ gcloud_flags }} --format='value(networkEndpoints[0].ipAddress)'):{{ coordinator_port }}"
+COORDINATOR="$(gcloud compute tpus tpu-vm describe {{ tpu_name | path }} {{ gcloud_flags }} --format='value(networkEndpoints[0].ipAddress)'):{{ coordinator_port }}"
 {% endif %}
 FAILED=""
 {% for p in points %}
 
 # point {{ p.index }}: {{ p.dirname }}
-gcloud compute tpus tpu-vm ssh {{ tpu_name | q }} {{ gcloud_flags }} --worker=all \\
+gcloud compute tpus tpu-vm ssh {{ tpu_name | path }} {{ gcloud_flags }} --worker=all \\
   --command="{{ p.remote }}" || FAILED="$FAILED {{ p.index }}"
 {% endfor %}
 
@@ -176,7 +183,7 @@ def tpu_script(sweep: Sweep, options: LaunchOptions) -> str:
     gcloud_flags += f" --project={shlex.quote(options.project)}"
   points = []
   for p in sweep.points:
-    remote = (f"cd {shlex.quote(options.repo_dir)} && {options.python} train.py "
+    remote = (f"cd {_shell_path(options.repo_dir)} && {options.python} train.py "
               + shlex.join(train_args(sweep, p, options.workdir_root)))
     remote = _double_quoted(remote)
     if options.nodes > 1:
