@@ -451,3 +451,18 @@ def _hparams_records(logdir):
                              metadata.parse_session_start_info_plugin_data)
               for d in os.listdir(logdir) if os.path.isdir(os.path.join(logdir, d))}
   return experiment, sessions
+
+
+def test_parallel_slots_split_cores_and_gpus(monkeypatch):
+  from latent_diffusion_jax.sweeps import local_run
+  monkeypatch.setattr(local_run.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7},
+                      raising=False)
+  assert [local_run._slot_cores(3, s) for s in range(3)] == [[0, 1], [2, 3], [4, 5]]
+  assert [local_run._slot_cores(10, s) for s in (0, 9)] == [[0], [1]]
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_foo=1")
+  options = local_run.LocalOptions(root="/r", parallel=2, cpu_devices_per_point=2,
+                                   gpu_ids=("0", "1", "2", "3"))
+  envs = [local_run._slot_env(options, s) for s in range(2)]
+  assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["0,1", "2,3"]
+  assert envs[1]["XLA_FLAGS"].split() == ["--xla_foo=1", "--xla_force_host_platform_device_count=2"]
+  assert envs[0]["OMP_NUM_THREADS"] == "4"
