@@ -115,12 +115,13 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-  """Pre-LN block: x + attn(LN1(x)), then x + MLP(LN2(x))."""
+  """Pre-LN block: x + attn(LN1(x)), then x + MLP(LN2(x)); causal for text, not for CLIP's vision tower."""
   intermediate_size: int
   num_attention_heads: int
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   attention_impl: str = "xla"
+  causal: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -128,7 +129,7 @@ class CLIPEncoderLayer(nn.Module):
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.layer_norm(self.layer_norm_eps, name="layer_norm1", **kw)(x)
-    x = x + SelfAttention(self.num_attention_heads, causal=True, attention_impl=self.attention_impl,
+    x = x + SelfAttention(self.num_attention_heads, causal=self.causal, attention_impl=self.attention_impl,
                           name="self_attn", **kw)(h)
     h = layers.layer_norm(self.layer_norm_eps, name="layer_norm2", **kw)(x)
     x = x + CLIPMLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(h)

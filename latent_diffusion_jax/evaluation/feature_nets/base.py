@@ -48,22 +48,33 @@ class FeatureNet:
   def extract(self, images: np.ndarray, *, batch_size: int = 50,
               mesh: Optional[Mesh] = None) -> Dict[str, np.ndarray]:
     """Features of `images` (uint8 or [0, 1] float, [N, H, W, 3]) as float64 host arrays."""
-    images = check_images(images)
-    mesh = mesh or create_mesh((-1, 1, 1))
-    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    step = max(shards, -(-batch_size // shards) * shards)
-    params = jax.device_put(self.params, NamedSharding(mesh, PartitionSpec()))
-    fn = _jitted(self.apply_fn, mesh)
-    outputs: Dict[str, list] = {}
-    for start in range(0, len(images), step):
-      chunk = images[start:start + step]
-      n = len(chunk)
-      if n < step:  # pad to a whole number of shards; the padding is dropped below
-        chunk = np.concatenate([chunk, np.zeros((step - n,) + chunk.shape[1:], chunk.dtype)])
-      out = fn(params, jax.device_put(chunk, batch_sharding(mesh, 4)))
-      for key, value in out.items():
-        outputs.setdefault(key, []).append(np.asarray(jax.device_get(value), np.float64)[:n])
-    return {k: np.concatenate(v) for k, v in outputs.items()}
+    return run_sharded(self.apply_fn, self.params, check_images(images), batch_size=batch_size,
+                       mesh=mesh)
+
+
+def run_sharded(apply_fn: Callable[[Any, jax.Array], Dict[str, jax.Array]], params: Any,
+                inputs: np.ndarray, *, batch_size: int = 50,
+                mesh: Optional[Mesh] = None) -> Dict[str, np.ndarray]:
+  """`apply_fn(params, batch)` jitted over `inputs` in batches split over the mesh's data axes.
+
+  The params are replicated; each batch is `batch_size` rounded up to whole shards, the last one
+  zero-padded (the padding's outputs are dropped). Outputs come back as float64 host arrays.
+  """
+  mesh = mesh or create_mesh((-1, 1, 1))
+  shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+  step = max(shards, -(-batch_size // shards) * shards)
+  params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
+  fn = _jitted(apply_fn, mesh)
+  outputs: Dict[str, list] = {}
+  for start in range(0, len(inputs), step):
+    chunk = inputs[start:start + step]
+    n = len(chunk)
+    if n < step:  # pad to a whole number of shards; the padding is dropped below
+      chunk = np.concatenate([chunk, np.zeros((step - n,) + chunk.shape[1:], chunk.dtype)])
+    out = fn(params, jax.device_put(chunk, batch_sharding(mesh, chunk.ndim)))
+    for key, value in out.items():
+      outputs.setdefault(key, []).append(np.asarray(jax.device_get(value), np.float64)[:n])
+  return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
 @functools.lru_cache(maxsize=16)
