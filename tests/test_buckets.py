@@ -398,8 +398,8 @@ _LOSS = re.compile(r"\] \[(\d+)\] .*?\bloss=([-+.\deE]+)")
 @pytest.mark.slow
 def test_two_processes_on_bucketed_shards_resume_exactly(tmp_path):
   import concurrent.futures
+  from test_multihost import _two_processes  # puts bench/ (chaos.py) on sys.path
   import chaos
-  from test_multihost import _two_processes
   data = write_bucketed_shards(tmp_path / "latents",
                                files_per_bucket=((9, 7, 8, 6), (8, 9, 0, 7)))
   args = [*TWO_PROCESS_ARGS, f"--config.data.latent_shards={data}"]

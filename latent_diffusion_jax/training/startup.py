@@ -98,7 +98,7 @@ class CompiledStep:
     key = self.signature(batch)
     if key not in self.executables:
       compiled = self._jitted.lower(state, batch, *extra).compile()
-      shapes = sorted({s for _, s in key[1]})
+      shapes = sorted({s for s, _ in key[1]})
       logging.info("Train step compiled for batch shapes %s (%d shape(s) so far)", shapes,
                    len(self.executables) + 1)
       _log_memory(compiled)
