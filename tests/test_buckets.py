@@ -361,16 +361,22 @@ def test_encode_train_sample_with_two_buckets(encoded, tmp_path):
   # 8 and 8 examples, global batch 8: one batch of each bucket per schedule epoch, so both
   # shapes ran, twice each, and compiled once each.
   assert result["step_compilations"] == 2
-  bundle = load_bundle(str(tmp_path / "work"))
-  saved = run_sampling(prompts=["a red circle"], out_dir=str(tmp_path / "samples"),
-                       source=str(tmp_path / "work"), num_steps=2, height=24, width=40,
-                       print_fn=lambda _: None)
+  assert load_bundle(str(tmp_path / "work")).image_size == 32  # trained "at" the square size
+  # sample.py at the landscape bucket's size.
+  from absl.testing import flagsaver
   from PIL import Image
-  assert np.asarray(Image.open(saved.images[0])).shape == (24, 40, 3)
-  with open(saved.settings) as f:
+  from test_sampling import load_sample_cli
+  cli = load_sample_cli()
+  out = tmp_path / "samples"
+  with flagsaver.flagsaver():
+    cli.flags.FLAGS(["sample.py", "--checkpoint", str(tmp_path / "work"), "--prompt",
+                     "a red circle", "--steps", "2", "--height", "24", "--width", "40",
+                     "--out", str(out)])
+    cli.main(["sample.py"])
+  with open(out / "settings.json") as f:
     settings = json.load(f)
   assert (settings["height"], settings["width"]) == (24, 40)
-  assert bundle.image_size == 32
+  assert np.asarray(Image.open(out / settings["files"][0])).shape == (24, 40, 3)
   with pytest.raises(UserInputError, match="height=20 is not a positive multiple of 8"):
     run_sampling(prompts=["a red circle"], out_dir=str(tmp_path / "bad"),
                  source=str(tmp_path / "work"),
