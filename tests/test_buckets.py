@@ -89,6 +89,11 @@ def test_bucket_sizes_must_divide_the_downsampling():
   c.data.buckets = ((512,),)
   with pytest.raises(UserInputError, match="pair"):
     buckets_lib.check_buckets(c)
+  # Stage 2 takes buckets only from bucketed latent shards.
+  from latent_diffusion_jax.training.stages.diffusion import _check_buckets
+  c.data.buckets, c.data.kind = ((512, 512),), "shapes"
+  with pytest.raises(UserInputError, match="data.buckets needs data.kind='latent_shards'"):
+    _check_buckets(c)
 
 
 # ----------------------------------------------------------------------------- the reader

@@ -20,7 +20,8 @@ the number of its slots among the first s, which the schedule computes without r
 """
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence
+import posixpath
+from typing import Dict, List, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -101,7 +102,6 @@ def plan_buckets(manifest: dict, files: Sequence[str], counts: Sequence[int], fi
     field: "moments" or "latents".
     global_batch, seed, process_index, process_count: the run.
   """
-  import posixpath
   sizes = [list(b["size"]) for b in manifest["buckets"]]
   shapes = [list(b[f"{field}_shape"]) for b in manifest["buckets"]]
   per_bucket: List[List[tuple]] = [[] for _ in sizes]
@@ -161,9 +161,3 @@ def bucketed_dataset(plan: BucketPlan, make_stream, start_batch: int) -> tf.data
                                           output_signature=tf.TensorSpec([], tf.int64))
   return tf.data.Dataset.choose_from_datasets(streams, choice)
 
-
-def bucket_sizes(manifest: dict) -> Optional[List[List[int]]]:
-  """The manifest's bucket (height, width) list, or None for unbucketed shards."""
-  if "buckets" not in manifest:
-    return None
-  return [list(b["size"]) for b in manifest["buckets"]]
