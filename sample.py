@@ -26,6 +26,10 @@ _GUIDANCE = flags.DEFINE_float("guidance_scale", 7.5, "Classifier-free guidance;
 _SAMPLER = flags.DEFINE_enum("sampler", "ddim", list(sampling.SAMPLERS), "The sampler.")
 _ETA = flags.DEFINE_float("eta", 0.0, "DDIM noise (0 = deterministic).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Images per device call (default 4/device).")
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default: the model's "
+                               "image size); a multiple of its total downsampling.")
+_WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels (default: the model's image "
+                              "size); a multiple of its total downsampling.")
 _OUT = flags.DEFINE_string("out", "samples", "Output directory.")
 
 
@@ -43,7 +47,8 @@ def main(argv):
       prompts=prompts, out_dir=_OUT.value, source=source,
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
-      sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value)
+      sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value,
+      height=_HEIGHT.value, width=_WIDTH.value)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -264,12 +265,20 @@ def diffusers_pipeline(tmp_path_factory, tokenizer_dir):
   torch.set_num_threads(threads)
 
 
+def load_sample_cli():
+  """sample.py as a module, loaded once per process (its absl flags can be defined only once;
+  tests/test_buckets.py runs it too)."""
+  if "sample_cli" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO, "sample.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["sample_cli"] = module
+  return sys.modules["sample_cli"]
+
+
 @pytest.fixture(scope="module")
 def sample_cli():
-  spec = importlib.util.spec_from_file_location("sample_cli", os.path.join(REPO, "sample.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return load_sample_cli()
 
 
 def _run_cli(sample_cli, argv):

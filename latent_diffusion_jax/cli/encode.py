@@ -8,13 +8,15 @@ Run the same command on every host of a pod slice: each encodes its share of the
 it resumes (finished output shards are skipped). Settings: the config's `encode` section, e.g.
 `--config.encode.min_image_size=512 --config.encode.max_unsafe=0.5`. Train on the result with
 `--config.data.kind=latent_shards --config.data.latent_shards=gs://bucket/laion-latents-512`.
+Aspect-ratio buckets: `--config.data.buckets='((512,512),(384,640),(640,384))'` here and in
+training (docs/BUCKETS.md).
 """
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from latent_diffusion_jax.core import logs, parallel
-from latent_diffusion_jax.data import encoder_job
+from latent_diffusion_jax.data import buckets, encoder_job
 from latent_diffusion_jax.training import frozen
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -31,6 +33,7 @@ def main(argv):
   logs.quiet_libraries()
   parallel.initialize_distributed()
   encoder_job.plan_inputs(_INPUT.value)  # bad patterns fail before the models load
+  buckets.check_buckets(_CONFIG.value)  # so do bucket sizes the models cannot take
   encoder, tokenizer, scale = frozen.build_encoder(_CONFIG.value)
   encoder_job.encode_shards(_CONFIG.value, _INPUT.value, _OUTPUT.value, encoder=encoder,
                             tokenizer=tokenizer, scale_factor=scale)

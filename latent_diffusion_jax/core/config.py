@@ -230,11 +230,17 @@ def base_config() -> mc.ConfigDict:
   # Stage 2: encode the dataset once with the frozen VAE and train on the stored moments, instead
   # of running the encoder in every step.
   c.data.pre_encode = True
+  # Aspect-ratio buckets: pixel (height, width) pairs of about equal area, e.g. ((256, 256),
+  # (192, 320), (320, 192)); () keeps one square size (encode.resolution / model.image_size). The
+  # encode command puts each image in the bucket nearest its aspect ratio and writes latent shards
+  # per bucket; latent_shards training draws every global batch from one bucket (docs/BUCKETS.md).
+  # Every side must divide by the first stage's factor x the UNet's 2**(levels-1).
+  c.data.buckets = ()
 
   c.encode = mc.ConfigDict()
   # `python -m latent_diffusion_jax.cli.encode`: WebDataset tar shards -> latent shards. Also the
   # preprocessing of data.kind="webdataset".
-  # Crop side in pixels; 0 uses model.image_size.
+  # Crop side in pixels; 0 uses model.image_size. Ignored with data.buckets (they give the sizes).
   c.encode.resolution = 0
   # After resizing the shorter side to the resolution: "center" or "random" (seeded by seed + key).
   c.encode.crop = "center"

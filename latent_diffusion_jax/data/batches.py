@@ -115,7 +115,8 @@ def held_out_images(config: mc.ConfigDict, workdir: str) -> np.ndarray:
   from latent_diffusion_jax.data.shard_reading import expand_patterns
   files = expand_patterns(config.data.eval_webdataset)
   prep = dataclasses.replace(webdataset.Preprocessing.from_config(config),
-                             resolution=config.model.image_size, require_caption=False)
+                             resolution=config.model.image_size, require_caption=False,
+                             buckets=())
   ds = webdataset.read_samples(files, prep, parallel_shards=config.encode.parallel_shards)
   ds = ds.filter(lambda r: r["status"] == "").take(config.data.num_test)
   images = [r["pixels"] for r in ds.as_numpy_iterator()]

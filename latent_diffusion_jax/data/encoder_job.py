@@ -12,6 +12,14 @@ Resumable: an output shard is written under a temporary name and renamed when co
 NAME.stats.json), so a restarted job skips exactly the finished shards. `encode_job.json` records
 the models' fingerprints and the preprocessing; a restart with different ones is refused. The
 host that finds every shard finished writes manifest.json.
+
+With aspect-ratio buckets (`data.buckets`, data/buckets.py) each image is cropped to its nearest
+bucket and every input shard NAME.tar gives one output shard per bucket, NAME.b{k}.tfrecord (k the
+bucket's index; empty ones too), so a shard holds one latent shape; the manifest lists each
+bucket's size and latent shape under "buckets" and each shard's bucket under "shards". An input
+shard counts as finished when all its bucket shards exist. Records wait in one buffer per bucket;
+when an input shard has ended, the buffers holding its records are encoded at once (padded), so
+shards finish as they are read rather than at the end of the job.
 """
 
 import dataclasses
@@ -28,6 +36,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 
 from latent_diffusion_jax.core import parallel, pixels
+from latent_diffusion_jax.data import buckets as buckets_lib
 from latent_diffusion_jax.data import latent_shards as ls
 from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.pre_encode import fingerprint
@@ -92,10 +101,13 @@ class BatchEncoder:
     data = lambda x: jax.device_put(x, parallel.batch_sharding(self.mesh, x.ndim))
     return self._encode(self._params, data(images), data(input_ids))
 
-  def output_shapes(self, resolution: int, max_length: int) -> Dict[str, tuple]:
-    """Per-example shapes of the outputs, traced without running anything."""
+  def output_shapes(self, resolution: int, max_length: int,
+                    width: Optional[int] = None) -> Dict[str, tuple]:
+    """Per-example shapes of the outputs for `resolution` (height) x `width` (default: the same)
+    images, traced without running anything."""
+    width = resolution if width is None else width
     out = jax.eval_shape(self._encode, self._params,
-                         jax.ShapeDtypeStruct((1, resolution, resolution, 3), jnp.uint8),
+                         jax.ShapeDtypeStruct((1, resolution, width, 3), jnp.uint8),
                          jax.ShapeDtypeStruct((1, max_length), jnp.int32))
     return {k: tuple(v.shape[1:]) for k, v in out.items()}
 
@@ -104,7 +116,8 @@ class BatchEncoder:
 class _Shard:
   """Counts and the open writer of one shard being encoded."""
   stats: Dict[str, Any]
-  writer: Optional[ls.ShardWriter] = None
+  # By bucket index; -1 without buckets.
+  writers: Dict[int, ls.ShardWriter] = dataclasses.field(default_factory=dict)
   ended: bool = False
   pending: int = 0  # kept records not yet written
 
@@ -137,17 +150,38 @@ def output_names(files: Sequence[str]) -> List[str]:
   return names
 
 
+def bucket_output_name(name: str, bucket: int) -> str:
+  """`NAME.b{bucket}.tfrecord`: bucket `bucket`'s output shard of the input shard whose unbucketed
+  output would be `name` (NAME.tfrecord)."""
+  return f"{name[:-len(ls.SHARD_SUFFIX)]}.b{bucket}{ls.SHARD_SUFFIX}"
+
+
+def shard_outputs(name: str, prep: wds.Preprocessing) -> List[str]:
+  """The output shards an input shard writes: `name` alone, or one per bucket."""
+  if not prep.buckets:
+    return [name]
+  return [bucket_output_name(name, k) for k in range(len(prep.buckets))]
+
+
 def _job_description(config, prep: wds.Preprocessing, encoder: BatchEncoder, tokenizer) -> dict:
-  shapes = encoder.output_shapes(prep.resolution, config.model.text_encoder.max_length)
+  max_length = config.model.text_encoder.max_length
+  shapes = encoder.output_shapes(*((prep.buckets[0][0], max_length, prep.buckets[0][1])
+                                   if prep.buckets else (prep.resolution, max_length)))
   job = {
       "format": ls.FORMAT, "vae_fingerprint": encoder.vae_fingerprint,
       "text_encoder_fingerprint": encoder.text_fingerprint,
       "tokenizer_fingerprint": ls.tokenizer_fingerprint(tokenizer),
-      "preprocessing": dataclasses.asdict(prep), "storage_dtype": encoder.storage_dtype,
+      "preprocessing": prep.describe(), "storage_dtype": encoder.storage_dtype,
       "compute_dtype": config.model.dtype, f"{encoder.field}_shape": list(shapes[encoder.field]),
-      "max_length": config.model.text_encoder.max_length,
+      "max_length": max_length,
       "context_shape": list(shapes["context"]) if "context" in shapes else None,
   }
+  if prep.buckets:  # one stored shape per bucket instead of one for all
+    del job[f"{encoder.field}_shape"]
+    job["buckets"] = [
+        {"size": [h, w], f"{encoder.field}_shape":
+         list(encoder.output_shapes(h, max_length, width=w)[encoder.field])}
+        for h, w in prep.buckets]
   # KL jobs keep the keys of the jobs written before VQ support, so those resume unchanged.
   if encoder.first_stage != "kl":
     job["first_stage"] = encoder.first_stage
@@ -192,9 +226,11 @@ class _ShardEncoder:
     self.config, self.encoder, self.tokenizer = config, encoder, tokenizer
     self.output_dir, self.after_shard = output_dir, after_shard
     self.max_length = config.model.text_encoder.max_length
+    self.buckets = wds.Preprocessing.from_config(config).buckets
     # Indexed like the records' "shard" field: position in `todo`.
     self.shards = [_Shard(_new_stats(files[i], names[i])) for i in todo]
-    self.buffer: List[dict] = []
+    # Kept records waiting for a full batch, by bucket (-1 without buckets).
+    self.buffers: Dict[int, List[dict]] = {}
     self.inflight = None
     self.progress = _Progress(len(todo), config.encode.log_every_seconds)
 
@@ -220,18 +256,37 @@ class _ShardEncoder:
       row_ids, truncated, caption = token_rows[j]
       shard.stats["captions_truncated"] += int(truncated)
       shard.pending += 1
-      self.buffer.append({"shard": shard, "key": key, "caption": caption,
-                          "pixels": chunk["pixels"][j], "input_ids": row_ids,
-                          "original_size": chunk["original_size"][j],
-                          "crop_offset": chunk["crop_offset"][j]})
-    while len(self.buffer) >= self.encoder.batch_size:
-      self._dispatch(self.encoder.batch_size)
+      bucket, pixels = -1, chunk["pixels"][j]
+      if self.buckets:  # the crop sits at the top left of the padded canvas
+        bucket = int(chunk["bucket"][j])
+        height, width = self.buckets[bucket]
+        pixels = pixels[:height, :width]
+      self.buffers.setdefault(bucket, []).append({
+          "shard": shard, "key": key, "caption": caption, "pixels": pixels, "input_ids": row_ids,
+          "original_size": chunk["original_size"][j], "crop_offset": chunk["crop_offset"][j]})
+    for bucket, buffer in self.buffers.items():
+      while len(buffer) >= self.encoder.batch_size:
+        self._dispatch(bucket, self.encoder.batch_size)
+        buffer = self.buffers[bucket]
+    if self.buckets:
+      self._flush_ended()
     self._finish_ended()
     self.progress.maybe_log()
 
+  def _flush_ended(self) -> None:
+    """Encodes the buffers holding records of ended shards, so those shards can finish now."""
+    waiting = {id(s) for s in self.shards if s.ended and s.pending}
+    for bucket, buffer in self.buffers.items():
+      if any(id(r["shard"]) in waiting for r in buffer):
+        while self.buffers[bucket]:
+          self._dispatch(bucket, min(len(self.buffers[bucket]), self.encoder.batch_size))
+    if waiting:
+      self._drain()
+
   def finish(self) -> None:
-    while self.buffer:
-      self._dispatch(min(len(self.buffer), self.encoder.batch_size))
+    for bucket in self.buffers:
+      while self.buffers[bucket]:
+        self._dispatch(bucket, min(len(self.buffers[bucket]), self.encoder.batch_size))
     self._drain()
     for shard in self.shards:
       shard.ended = True
@@ -247,9 +302,9 @@ class _ShardEncoder:
     logging.info("Skipped %s in %s: %s%s", key, posixpath.basename(stats["input"]), reason,
                  f" ({detail})" if detail else "")
 
-  def _dispatch(self, n: int) -> None:
-    """Starts encoding the first `n` buffered records, then writes the previous batch."""
-    records, self.buffer = self.buffer[:n], self.buffer[n:]
+  def _dispatch(self, bucket: int, n: int) -> None:
+    """Starts encoding the first `n` records buffered for `bucket`, then writes the previous batch."""
+    records, self.buffers[bucket] = self.buffers[bucket][:n], self.buffers[bucket][n:]
     pad = self.encoder.batch_size - n
     images = np.stack([r["pixels"] for r in records])
     ids = np.stack([r["input_ids"] for r in records])
@@ -258,21 +313,20 @@ class _ShardEncoder:
       ids = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)])
     outputs = self.encoder(images, ids)
     self._drain()
-    self.inflight = (outputs, records)
+    self.inflight = (outputs, records, bucket)
 
   def _drain(self) -> None:
     if self.inflight is None:
       return
-    outputs, records = self.inflight
+    outputs, records, bucket = self.inflight
     self.inflight = None
     outputs = jax.device_get(outputs)
     contexts = outputs.get("context", [None] * len(records))
     for i, r in enumerate(records):
       shard = r["shard"]
-      if shard.writer is None:
-        shard.writer = ls.ShardWriter(posixpath.join(self.output_dir, shard.stats["output"]))
+      writer = self._writer(shard, bucket)
       field = self.encoder.field
-      shard.writer.write(ls.serialize_example(
+      writer.write(ls.serialize_example(
           key=r["key"], caption=r["caption"], **{field: outputs[field][i]},
           input_ids=r["input_ids"], original_size=r["original_size"],
           crop_offset=r["crop_offset"], context=contexts[i]))
@@ -286,18 +340,34 @@ class _ShardEncoder:
       shard.pending -= 1
     self.progress.encoded += len(records)
 
+  def _output_name(self, shard: _Shard, bucket: int) -> str:
+    name = shard.stats["output"]
+    return name if bucket < 0 else bucket_output_name(name, bucket)
+
+  def _writer(self, shard: _Shard, bucket: int) -> ls.ShardWriter:
+    if bucket not in shard.writers:
+      shard.writers[bucket] = ls.ShardWriter(
+          posixpath.join(self.output_dir, self._output_name(shard, bucket)))
+    return shard.writers[bucket]
+
   def _finish_ended(self) -> None:
     for shard in self.shards:
       if not shard.ended or shard.pending or shard.stats.get("done"):
         continue
       path = posixpath.join(self.output_dir, shard.stats["output"])
-      if shard.writer is None:  # nothing kept: an empty shard still marks the input as done
-        shard.writer = ls.ShardWriter(path)
+      if not shard.writers:
         logging.warning("Shard %s yielded no examples (%s).", shard.stats["input"],
                         shard.stats["skipped"] or "empty")
+      # Empty shards (nothing kept, or nothing in a bucket) still mark the input as done.
+      for bucket in range(len(self.buckets)) if self.buckets else (-1,):
+        self._writer(shard, bucket)
+      if self.buckets:
+        shard.stats["outputs"] = {self._output_name(shard, b): {"bucket": b, "kept": w.count}
+                                  for b, w in sorted(shard.writers.items())}
       shard.stats["done"] = True
       ls.write_json(path[:-len(ls.SHARD_SUFFIX)] + ls.STATS_SUFFIX, shard.stats)
-      shard.writer.commit()
+      for _, writer in sorted(shard.writers.items()):
+        writer.commit()
       self.progress.shards_done += 1
       if self.after_shard is not None:
         self.after_shard(shard.stats["output"])
@@ -329,10 +399,12 @@ def encode_shards(config, inputs: str | Sequence[str], output_dir: str, *, encod
   files, names = plan_inputs(inputs)
   mine = [i for i in range(len(files)) if i % pc == pi]
   prep = wds.Preprocessing.from_config(config)
+  if prep.buckets:
+    buckets_lib.check_buckets(config)
   tf.io.gfile.makedirs(output_dir)
   job = _job_description(config, prep, encoder, tokenizer)
   _check_job(output_dir, job, pi)
-  todo = [i for i in mine if not tf.io.gfile.exists(posixpath.join(output_dir, names[i]))]
+  todo = [i for i in mine if not _finished(output_dir, names[i], prep)]
   logging.info("Encoding %d of %d shards on host %d/%d (%d already done) into %s", len(todo),
                len(files), pi, pc, len(mine) - len(todo), output_dir)
   if todo:
@@ -347,8 +419,13 @@ def encode_shards(config, inputs: str | Sequence[str], output_dir: str, *, encod
     job_encoder.finish()
   summary = summarize([_stats_path(output_dir, names[i]) for i in mine])
   logging.info("Encode summary (host %d):\n%s", pi, format_table(summary))
-  summary["manifest"] = maybe_write_manifest(output_dir, names, job, config, pi, scale_factor)
+  summary["manifest"] = maybe_write_manifest(output_dir, names, job, config, pi, scale_factor,
+                                             prep=prep)
   return summary
+
+
+def _finished(output_dir: str, name: str, prep: wds.Preprocessing) -> bool:
+  return all(tf.io.gfile.exists(posixpath.join(output_dir, n)) for n in shard_outputs(name, prep))
 
 
 def _stats_path(output_dir: str, name: str) -> str:
@@ -361,7 +438,13 @@ def summarize(stats_paths: Sequence[str]) -> Dict[str, Any]:
            "latent_sums": [0.0, 0.0, 0]}
   for path in stats_paths:
     stats = ls.read_json(path)
-    total["shards"][stats["output"]] = {k: stats[k] for k in ("input", "read", "kept", "skipped")}
+    if "outputs" in stats:  # bucketed: one entry per bucket shard, read/skipped on the first
+      for i, (name, out) in enumerate(sorted(stats["outputs"].items(), key=lambda x: x[1]["bucket"])):
+        total["shards"][name] = {"input": stats["input"], "bucket": out["bucket"],
+                                 "kept": out["kept"], "read": stats["read"] if i == 0 else 0,
+                                 "skipped": stats["skipped"] if i == 0 else {}}
+    else:
+      total["shards"][stats["output"]] = {k: stats[k] for k in ("input", "read", "kept", "skipped")}
     for k in ("read", "kept", "captions_truncated"):
       total[k] += stats[k]
     for reason, n in stats["skipped"].items():
@@ -380,10 +463,12 @@ def format_table(summary: Dict[str, Any]) -> str:
 
 
 def maybe_write_manifest(output_dir: str, names: Sequence[str], job: dict, config,
-                         process_index: int, scale_factor: Optional[float]) -> Optional[str]:
+                         process_index: int, scale_factor: Optional[float],
+                         prep: Optional[wds.Preprocessing] = None) -> Optional[str]:
   """Writes manifest.json when every shard of the job is finished (by any host)."""
+  prep = prep or wds.Preprocessing.from_config(config)
   stats_paths = [_stats_path(output_dir, n) for n in names]
-  finished = [tf.io.gfile.exists(posixpath.join(output_dir, n)) for n in names]
+  finished = [_finished(output_dir, n, prep) for n in names]
   if not all(finished):
     logging.info("%d of %d shards still unfinished (other hosts); their host writes the manifest.",
                  finished.count(False), len(names))
@@ -391,7 +476,8 @@ def maybe_write_manifest(output_dir: str, names: Sequence[str], job: dict, confi
   summary = summarize(stats_paths)
   s_mean, s_sq, count = summary.pop("latent_sums")
   std = math.sqrt(max(s_sq / count - (s_mean / count)**2, 0.0)) if count else None
-  manifest = dict(job, num_examples=summary["kept"], num_shards=len(names), read=summary["read"],
+  manifest = dict(job, num_examples=summary["kept"], num_shards=len(summary["shards"]),
+                  read=summary["read"],
                   skipped=summary["skipped"], captions_truncated=summary["captions_truncated"],
                   shards=summary["shards"], latent_mean=s_mean / count if count else None,
                   latent_std=std, estimated_scale_factor=1.0 / std if std else None,

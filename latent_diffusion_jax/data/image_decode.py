@@ -5,6 +5,9 @@
   image.original_size   # (height, width) of the decoded image, before resizing
   image.crop_offset     # (top, left) of the crop inside the resized image
 
+With `buckets` ((height, width) pairs, data/buckets.py) the crop is the bucket nearest the image's
+aspect ratio instead of a square (`image.bucket` says which), after a cover resize.
+
 Kept (converted to RGB8): RGB; grayscale ("L", "1"); palette ("P"); CMYK and YCbCr (PIL's
 conversion, no ICC colour management); 16-bit grayscale ("I;16*", "I": scaled by 255/65535; PIL
 itself already reads 16-bit RGB PNGs as 8-bit RGB); images with alpha ("RGBA", "LA", "PA", "P" with
@@ -32,6 +35,7 @@ from typing import Tuple
 import numpy as np
 from PIL import Image, ImageOps
 from latent_diffusion_jax.core.errors import UserInputError
+from latent_diffusion_jax.data.buckets import cover_size, nearest_bucket
 
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -50,9 +54,10 @@ class SkipSample(Exception):
 @dataclasses.dataclass(frozen=True)
 class ProcessedImage:
   """A crop ready for the VAE plus where it came from."""
-  pixels: np.ndarray              # uint8 [resolution, resolution, 3]
+  pixels: np.ndarray              # uint8 [resolution, resolution, 3] (or the bucket's [h, w, 3])
   original_size: Tuple[int, int]  # (height, width) before resizing
   crop_offset: Tuple[int, int]    # (top, left) inside the resized image
+  bucket: int = -1                # index into `buckets`; -1 without buckets
 
 
 def _open(data: bytes) -> Image.Image:
@@ -93,27 +98,30 @@ def _to_rgb8(img: Image.Image) -> Image.Image:
 
 
 def crop_offset(height: int, width: int, resolution: int, crop: str, key: str,
-                seed: int) -> Tuple[int, int]:
-  """(top, left) of the square crop; "random" depends only on (seed, key), not on order."""
+                seed: int, crop_width: int | None = None) -> Tuple[int, int]:
+  """(top, left) of the crop `resolution` high and `crop_width` (default: `resolution`) wide;
+  "random" depends only on (seed, key), not on order."""
+  crop_width = resolution if crop_width is None else crop_width
   if crop == "center":
-    return (height - resolution) // 2, (width - resolution) // 2
+    return (height - resolution) // 2, (width - crop_width) // 2
   if crop == "random":
     rng = np.random.default_rng([seed, zlib.crc32(key.encode("utf-8"))])
     top = int(rng.integers(0, height - resolution + 1))
-    return top, int(rng.integers(0, width - resolution + 1))
+    return top, int(rng.integers(0, width - crop_width + 1))
   raise UserInputError(f"Unknown crop {crop!r}; valid: center, random.")
 
 
 def resized_size(height: int, width: int, resolution: int) -> Tuple[int, int]:
   """(height, width) with the shorter side equal to `resolution`, aspect ratio kept."""
-  scale = resolution / min(height, width)
-  return max(resolution, round(height * scale)), max(resolution, round(width * scale))
+  return cover_size(height, width, resolution, resolution)
 
 
 def preprocess_image(data: bytes, *, resolution: int, key: str = "", crop: str = "center",
                      seed: int = 0, min_size: int = 0, max_aspect_ratio: float = 0.0,
-                     original_size: Tuple[int, int] | None = None) -> ProcessedImage:
-  """Decodes image bytes and returns a `resolution` square crop of the short-side-resized image.
+                     original_size: Tuple[int, int] | None = None,
+                     buckets: Tuple[Tuple[int, int], ...] = ()) -> ProcessedImage:
+  """Decodes image bytes and returns a `resolution` square crop of the short-side-resized image,
+  or with `buckets` a crop to the nearest bucket of the image resized to cover it.
 
   Args:
     data: encoded image (JPEG, PNG, WebP, anything PIL reads).
@@ -125,6 +133,8 @@ def preprocess_image(data: bytes, *, resolution: int, key: str = "", crop: str =
     max_aspect_ratio: skip images whose long/short side ratio exceeds this (<= 0 disables).
     original_size: (height, width) to record instead of the decoded size, e.g. the size before
       img2dataset resized the image (from the sample's json); None records the decoded size.
+    buckets: (height, width) crop sizes; the image goes to the one nearest its aspect ratio
+      (after EXIF rotation; data/buckets.py) and `resolution` is ignored. Empty: a square crop.
 
   Returns:
     The crop and its provenance.
@@ -143,9 +153,14 @@ def preprocess_image(data: bytes, *, resolution: int, key: str = "", crop: str =
   try:
     if img.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):  # turned by 90 degrees
       width, height = height, width
+    bucket = nearest_bucket(height, width, buckets) if buckets else -1
+    crop_h, crop_w = buckets[bucket] if buckets else (resolution, resolution)
     # JPEG only: decode at a reduced DCT scale that still covers the resized size, several times
-    # faster for large photos. A no-op for other formats.
-    target_h, target_w = resized_size(img.size[1], img.size[0], resolution)
+    # faster for large photos. A no-op for other formats. (img.size is before the rotation, so
+    # the crop's sides turn with it.)
+    turned = (img.size[0], img.size[1]) != (width, height)
+    target_h, target_w = cover_size(img.size[1], img.size[0],
+                                    *((crop_w, crop_h) if turned else (crop_h, crop_w)))
     img.draft(None, (target_w, target_h))
     img.load()
     img = ImageOps.exif_transpose(img)
@@ -155,10 +170,10 @@ def preprocess_image(data: bytes, *, resolution: int, key: str = "", crop: str =
   except Exception as e:
     raise SkipSample("corrupt_image", f"{type(e).__name__}: {e}") from None
   img = _to_rgb8(img)
-  new_h, new_w = resized_size(img.size[1], img.size[0], resolution)
+  new_h, new_w = cover_size(img.size[1], img.size[0], crop_h, crop_w)
   img = img.resize((new_w, new_h), Image.BICUBIC)
-  top, left = crop_offset(new_h, new_w, resolution, crop, key, seed)
-  pixels = np.asarray(img, dtype=np.uint8)[top:top + resolution, left:left + resolution]
+  top, left = crop_offset(new_h, new_w, crop_h, crop, key, seed, crop_width=crop_w)
+  pixels = np.asarray(img, dtype=np.uint8)[top:top + crop_h, left:left + crop_w]
   return ProcessedImage(pixels=np.ascontiguousarray(pixels),
                         original_size=tuple(original_size) if original_size else (height, width),
-                        crop_offset=(top, left))
+                        crop_offset=(top, left), bucket=bucket)

@@ -19,7 +19,9 @@ Per example (tf.train.Example features):
 
 The manifest says which: `first_stage` "vq" with `latents_shape`, or (absent: "kl", as every
 directory written before VQ support) `moments_shape`. Batches carry the field of the same name,
-which `training.diffusion_step.encode_latents` reads.
+which `training.diffusion_step.encode_latents` reads. A directory encoded with aspect-ratio buckets
+(`data.buckets`) has instead a "buckets" list ({"size": [h, w], "moments_shape" or
+"latents_shape"}) and one file per input shard and bucket; its reader is data/bucketed_shards.py.
 
 Training reader (deterministic, exactly resumable): each host reads files[process_index::count].
 Every epoch the host's files are permuted from (seed, host, epoch) and cut into windows of
@@ -189,7 +191,7 @@ def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
   first, *others = manifests.values()
   for other in others:
     for field in ("first_stage", "storage_dtype", "moments_shape", "latents_shape", "max_length",
-                  "context_shape", "vae_fingerprint", "tokenizer_fingerprint"):
+                  "context_shape", "vae_fingerprint", "tokenizer_fingerprint", "buckets"):
       if other.get(field) != first.get(field):
         raise UserInputError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
                          f"{other.get(field)}.")
@@ -308,7 +310,13 @@ def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
     channels = build.first_stage_latent_channels(build.build_first_stage(config))
   else:
     channels = 2 * config.model.vae.latent_channels
-  if list(manifest[f"{field}_shape"]) != [size, size, channels]:
+  if "buckets" in manifest:
+    _check_buckets(config, manifest, field, channels)
+  elif config.data.buckets:
+    raise UserInputError(f"data.buckets={tuple(map(tuple, config.data.buckets))} but the latent "
+                         f"shards {config.data.latent_shards} were encoded without buckets; encode "
+                         "with these buckets or set data.buckets=().")
+  elif list(manifest[f"{field}_shape"]) != [size, size, channels]:
     raise UserInputError(f"Latent shards hold {field} {manifest[f'{field}_shape']}, the model "
                          f"expects {[size, size, channels]} (model.image_size / VAE); encode at "
                          "this size.")
@@ -334,6 +342,22 @@ def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
       raise UserInputError("data.use_text_embeddings needs a frozen text encoder and "
                        "diffusion.caption_dropout=0 (the train step has no empty-prompt embedding "
                        "to drop captions to).")
+
+
+def _check_buckets(config, manifest: dict, field: str, channels: int) -> None:
+  from latent_diffusion_jax.data import buckets as buckets_lib
+  stored = [tuple(b["size"]) for b in manifest["buckets"]]
+  wanted = list(buckets_lib.check_buckets(config))
+  if stored != wanted:
+    raise UserInputError(f"The latent shards were encoded with buckets {stored}, data.buckets is "
+                         f"{wanted}; set data.buckets to the encoded list (same order).")
+  factor = buckets_lib.downsampling(config.model)[0]
+  for b in manifest["buckets"]:
+    expected = list(buckets_lib.latent_shape(tuple(b["size"]), factor, channels))
+    if list(b[f"{field}_shape"]) != expected:
+      raise UserInputError(f"Latent shards of bucket {tuple(b['size'])} hold {field} "
+                           f"{b[f'{field}_shape']}, the model expects {expected}; encode with "
+                           "this run's first stage.")
 
 
 def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=None,
@@ -363,6 +387,14 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
   keep_ids = config.model.text_encoder.kind != "none" and not use_context
 
   field = stored_field(manifest)
+  def postprocess(batch: dict) -> dict:
+    return {k: v for k, v in batch.items() if k != "input_ids" or keep_ids}
+
+  listing = hashlib.sha1(json.dumps([files, counts]).encode()).hexdigest()[:16]
+  identity = {"kind": "latent_shards", "seed": int(config.seed), "global_batch": int(global_batch)}
+  if "buckets" in manifest:
+    return _bucketed_reader(config, manifest, files, counts, field, global_batch, pi, pc,
+                            use_context, postprocess, identity, listing)
   shape = {f"{field}_shape": manifest[f"{field}_shape"]}
 
   def make_dataset(start_batch: int) -> tf.data.Dataset:
@@ -374,11 +406,33 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
         shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,
         prefetch=config.data.prefetch)
 
-  def postprocess(batch: dict) -> dict:
-    return {k: v for k, v in batch.items() if k != "input_ids" or keep_ids}
-
-  listing = hashlib.sha1(json.dumps([files, counts]).encode()).hexdigest()[:16]
-  return ResumableBatches(make_dataset, postprocess=postprocess,
-                          identity={"kind": "latent_shards", "seed": int(config.seed),
-                                    "global_batch": int(global_batch)},
+  return ResumableBatches(make_dataset, postprocess=postprocess, identity=identity,
                           advisory={"process_count": pc, "files": listing})
+
+
+def _bucketed_reader(config, manifest, files, counts, field, global_batch, pi, pc, use_context,
+                     postprocess, identity, listing) -> ResumableBatches:
+  """Every global batch from one bucket (data/bucketed_shards.py); the position stays one integer."""
+  from latent_diffusion_jax.data import bucketed_shards
+  # Every host plans from the whole listing, so all agree on the schedule.
+  plan = bucketed_shards.plan_buckets(manifest, files, counts, field, global_batch=global_batch,
+                                      seed=config.seed, process_index=pi, process_count=pc)
+
+  def make_stream(position, host_files, host_counts, shape, start_batch):
+    del position
+    return latent_dataset(
+        host_files, host_counts, local_batch=global_batch // pc, seed=config.seed,
+        start_batch=start_batch, **{f"{field}_shape": shape},
+        storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
+        context_shape=manifest["context_shape"] if use_context else None, process_index=pi,
+        shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,
+        prefetch=config.data.prefetch)
+
+  def make_dataset(start_batch: int) -> tf.data.Dataset:
+    return bucketed_shards.bucketed_dataset(plan, make_stream, start_batch)
+
+  reader = ResumableBatches(make_dataset, postprocess=postprocess,
+                            identity=dict(identity, buckets=plan.sizes),
+                            advisory={"process_count": pc, "files": listing})
+  reader.bucket_plan = plan
+  return reader

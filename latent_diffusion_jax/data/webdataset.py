@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from latent_diffusion_jax.data import buckets as buckets_lib
 from latent_diffusion_jax.data.image_decode import SkipSample, preprocess_image
 from latent_diffusion_jax.data.shard_reading import ResumableBatches, expand_patterns, host_files
 from latent_diffusion_jax.core.errors import UserInputError
@@ -116,6 +117,8 @@ class Preprocessing:
   max_watermark: float = 1.0
   max_unsafe: float = 1.0
   min_similarity: float = 0.0
+  # Aspect-ratio buckets, (height, width) each (data.buckets); empty: `resolution` squares.
+  buckets: Tuple[Tuple[int, int], ...] = ()
 
   @classmethod
   def from_config(cls, config) -> "Preprocessing":
@@ -124,7 +127,25 @@ class Preprocessing:
                require_caption=config.model.text_encoder.kind != "none",
                min_image_size=e.min_image_size, max_aspect_ratio=e.max_aspect_ratio,
                max_watermark=e.max_watermark, max_unsafe=e.max_unsafe,
-               min_similarity=e.min_similarity)
+               min_similarity=e.min_similarity,
+               buckets=buckets_lib.parse_buckets(config.data.get("buckets", ())))
+
+  @property
+  def canvas(self) -> Tuple[int, int]:
+    """(height, width) of the `pixels` arrays: the square, or with buckets the smallest size that
+    holds each bucket's crop (placed at the top left, zeros around it)."""
+    if self.buckets:
+      return buckets_lib.canvas(self.buckets)
+    return self.resolution, self.resolution
+
+  def describe(self) -> dict:
+    """The settings an encode job records; without buckets exactly the keys it always had."""
+    out = dataclasses.asdict(self)
+    if not self.buckets:
+      out.pop("buckets")
+    else:
+      out["buckets"] = [list(b) for b in self.buckets]
+    return out
 
 
 def _number(meta: dict, name: str) -> Optional[float]:
@@ -212,7 +233,9 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
 
   Returns:
     A dataset of dicts: shard (index into `files`), key, status, detail, caption, pixels
-    (uint8 [R, R, 3]; zeros unless kept), original_size and crop_offset (int32 [2]).
+    (uint8 [R, R, 3]; zeros unless kept; with buckets the `prep.canvas`, the crop at its top
+    left), bucket (int32; -1 without buckets or when skipped), original_size and crop_offset
+    (int32 [2]).
   """
   if not files:
     raise UserInputError("No shards to read.")
@@ -228,32 +251,38 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
 
 
 def _decode_py(status, image, key, original, prep: Preprocessing):
-  r = prep.resolution
-  blank = np.zeros((r, r, 3), np.uint8)
+  blank = np.zeros((*prep.canvas, 3), np.uint8)
+  none = np.int32(-1)
   if status:
-    return status, b"", blank, original, np.zeros(2, np.int32)
+    return status, b"", blank, original, np.zeros(2, np.int32), none
   try:
-    out = preprocess_image(image, resolution=r, key=key.decode("utf-8", "replace"),
+    out = preprocess_image(image, resolution=prep.resolution, key=key.decode("utf-8", "replace"),
                            crop=prep.crop, seed=prep.seed, min_size=prep.min_image_size,
                            max_aspect_ratio=prep.max_aspect_ratio,
-                           original_size=tuple(original) if original.all() else None)
+                           original_size=tuple(original) if original.all() else None,
+                           buckets=prep.buckets)
   except SkipSample as e:
-    return e.reason.encode(), e.detail.encode(), blank, original, np.zeros(2, np.int32)
+    return e.reason.encode(), e.detail.encode(), blank, original, np.zeros(2, np.int32), none
   except Exception as e:  # whatever PIL raises past its documented errors
-    return b"corrupt_image", repr(e).encode(), blank, original, np.zeros(2, np.int32)
-  return (b"", b"", out.pixels, np.asarray(out.original_size, np.int32),
-          np.asarray(out.crop_offset, np.int32))
+    return b"corrupt_image", repr(e).encode(), blank, original, np.zeros(2, np.int32), none
+  pixels = out.pixels
+  if prep.buckets:  # one shape for tf.data: the crop at the canvas's top left
+    blank[:pixels.shape[0], :pixels.shape[1]] = pixels
+    pixels = blank
+  return (b"", b"", pixels, np.asarray(out.original_size, np.int32),
+          np.asarray(out.crop_offset, np.int32), np.int32(out.bucket))
 
 
 def _decode_record(record, prep: Preprocessing):
-  status, detail, pixels, original, crop = tf.numpy_function(
+  status, detail, pixels, original, crop, bucket = tf.numpy_function(
       functools.partial(_decode_py, prep=prep),
       [record["status"], record["image"], record["key"], record["original_size"]],
-      [tf.string, tf.string, tf.uint8, tf.int32, tf.int32], stateful=False)
+      [tf.string, tf.string, tf.uint8, tf.int32, tf.int32, tf.int32], stateful=False)
   out = {k: v for k, v in record.items() if k != "image"}
   out["detail"] = tf.where(tf.strings.length(detail) > 0, detail, record["detail"])
   out["status"] = tf.ensure_shape(status, [])
-  out["pixels"] = tf.ensure_shape(pixels, [prep.resolution, prep.resolution, 3])
+  out["pixels"] = tf.ensure_shape(pixels, [*prep.canvas, 3])
+  out["bucket"] = tf.ensure_shape(bucket, [])
   out["original_size"] = tf.ensure_shape(original, [2])
   out["crop_offset"] = tf.ensure_shape(crop, [2])
   return out
@@ -316,8 +345,9 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
                      "brace pattern.")
   files = expand_patterns(config.data.webdataset)
   pi, pc, mine = host_files(files, global_batch, "tar shards", process_index, process_count)
+  # Raw-shard training crops squares; aspect buckets need the latent_shards path.
   prep = dataclasses.replace(Preprocessing.from_config(config), resolution=config.model.image_size,
-                             require_caption=tokenizer is not None)
+                             require_caption=tokenizer is not None, buckets=())
   max_length = config.model.text_encoder.max_length
 
   def make_dataset(start_batch: int) -> tf.data.Dataset:

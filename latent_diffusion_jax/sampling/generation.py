@@ -11,6 +11,10 @@ pre-quantization latents, which are snapped to the codebook before the decoder.
 
 Reproducibility: image i starts from noise drawn with `fold_in(PRNGKey(seed), i)`, so it is the
 same image whatever the batch size or device count.
+
+Size: `height` and `width` (default: the bundle's square image_size) may be any multiple of the
+model's total downsampling, the first stage's factor times the UNet's 2**(levels-1) (e.g. a model
+trained on aspect-ratio buckets sampled at one of them); each size compiles once.
 """
 
 import dataclasses
@@ -221,9 +225,40 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
   return SampleFn(sample_fn, guided)
 
 
-def latent_shape(bundle: ModelBundle) -> tuple:
-  """(h, w, c) of the UNet's latents for `bundle.image_size`."""
-  return (bundle.latent_size, bundle.latent_size, bundle.unet.in_channels)
+def total_downsampling(bundle: ModelBundle) -> int:
+  """Pixels per latent-grid cell at the UNet's coarsest level: the first stage's downsampling
+  factor times the UNet's 2**(levels-1). Sampled sides must be multiples of it."""
+  return bundle.vae.downsample_factor * 2 ** (len(bundle.unet.block_out_channels) - 1)
+
+
+def check_size(bundle: ModelBundle, height: Optional[int], width: Optional[int]) -> tuple:
+  """(height, width) in pixels to sample: the given sides (None: `bundle.image_size`), validated.
+
+  Raises:
+    UserInputError: a side that is not a positive multiple of `total_downsampling(bundle)`.
+  """
+  size = (bundle.image_size if height is None else height,
+          bundle.image_size if width is None else width)
+  if height is None and width is None:
+    return size
+  f, total = bundle.vae.downsample_factor, total_downsampling(bundle)
+  for name, side in zip(("height", "width"), size):
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1 or side % total:
+      raise UserInputError(
+          f"{name}={side} is not a positive multiple of {total}: the model's total downsampling "
+          f"(first stage factor {f} x UNet 2**({len(bundle.unet.block_out_channels)}-1) = "
+          f"{total // f}); e.g. {max(total, (int(side) // total) * total)} or "
+          f"{(int(side) // total + 1) * total}.")
+  return int(size[0]), int(size[1])
+
+
+def latent_shape(bundle: ModelBundle, height: Optional[int] = None,
+                 width: Optional[int] = None) -> tuple:
+  """(h, w, c) of the UNet's latents for `height` x `width` pixels (default: the square
+  `bundle.image_size`)."""
+  height, width = check_size(bundle, height, width)
+  f = bundle.vae.downsample_factor
+  return (height // f, width // f, bundle.unet.in_channels)
 
 
 @functools.partial(jax.jit, static_argnames=("shape",))
@@ -348,7 +383,8 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              mesh: Optional[Mesh] = None, initial_latents: Optional[np.ndarray] = None,
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
              progress_fn: Optional[ProgressFn] = None,
-             params: Optional[SampleParams] = None) -> np.ndarray:
+             params: Optional[SampleParams] = None, height: Optional[int] = None,
+             width: Optional[int] = None) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -374,6 +410,8 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
       batch's images reach the host.
     params: `SampleParams` already placed on `mesh` (e.g. a train state's sharded params), used
       as they are instead of the bundle's, which are then not read; no host copy is made.
+    height, width: image size in pixels, each a multiple of `total_downsampling(bundle)`
+      (default: `bundle.image_size`).
 
   Returns:
     [N, H, W, 3] images, uint8 or float32 as `output_type` says.
@@ -390,13 +428,13 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     raise UserInputError("generate needs at least one prompt.")
   if output_type not in OUTPUT_TYPES:
     raise UserInputError(f"Unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}.")
+  shape = latent_shape(bundle, height, width)  # bad sizes fail before anything compiles
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
                              guidance_scale=guidance_scale, eta=eta)
   if bundle.text_encoder is None and guidance_scale > 1:
     logging.info("Text-free model: sampling without classifier-free guidance.")
   cond, uncond = _conditioning_inputs(bundle, prompts, negative_prompt, class_labels,
                                       sample_fn.guided)
-  shape = latent_shape(bundle)
   if initial_latents is not None:
     initial_latents = np.asarray(initial_latents, np.float32)
     if initial_latents.shape != (n, *shape):

@@ -5,7 +5,7 @@ from typing import Callable, Optional, Sequence
 
 from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.core import images as images_lib
-from latent_diffusion_jax.sampling.generation import _check_sampler_args, generate
+from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
 from latent_diffusion_jax.core.errors import UserInputError
 
 
@@ -20,6 +20,7 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
                  negative_prompt: str = "", num_images_per_prompt: int = 1, seed: int = 0,
                  num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
                  eta: float = 0.0, batch_size: Optional[int] = None,
+                 height: Optional[int] = None, width: Optional[int] = None,
                  print_fn: Callable[[str], None] = print):
   """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
 
@@ -27,7 +28,9 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
     prompts: the prompts; each one's images are consecutive.
     out_dir: where `images.save_images` writes the PNGs, the grid and settings.json.
     source: the model: a `loader.Source` or a path (its kind detected), see artifacts/loader.py.
-    negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size: see `generate`.
+    negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size, height, width:
+      see `generate` (height and width default to the model's image_size; settings.json
+      records the sizes used).
     num_images_per_prompt: images per prompt (different seeds of the per-image noise).
     print_fn: progress lines go here.
 
@@ -43,8 +46,9 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
   _check_sampler_args(sampler, num_steps, eta)
   bundle = loader.load_bundle(source)
   source = bundle.metadata["source"]
+  height, width = check_size(bundle, height, width)
   all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-  print_fn(f"Sampling {len(all_prompts)} images of {bundle.image_size}px from {source} "
+  print_fn(f"Sampling {len(all_prompts)} images of {height}x{width}px from {source} "
            f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
 
   clock = {"last": time.perf_counter()}
@@ -58,11 +62,11 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
 
   images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
                     num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    batch_size=batch_size, progress_fn=progress)
+                    batch_size=batch_size, progress_fn=progress, height=height, width=width)
   settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   eta=eta, negative_prompt=negative_prompt,
                   num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
-                  image_size=bundle.image_size, source=source)
+                  image_size=bundle.image_size, height=height, width=width, source=source)
   saved = images_lib.save_images(images, out_dir, all_prompts, settings)
   print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
   return saved

@@ -30,8 +30,9 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Trains the stage `config.stage` names in `workdir` (resuming if it holds a checkpoint).
 
   Returns:
-    The loop summary {"state", "step", "preempted", "last_metrics"} plus what the stage's finish
-    adds (stage 1: "eval"; stage 2: "latent_scale_factor").
+    The loop summary {"state", "step", "preempted", "last_metrics"}, "step_compilations" (train
+    step executables compiled: one per batch shape) plus what the stage's finish adds (stage 1:
+    "eval"; stage 2: "latent_scale_factor").
   """
   os.makedirs(workdir, exist_ok=True)
   stage_class = stages.get(config.get("stage", "diffusion"))
@@ -64,6 +65,8 @@ def train(config: mc.ConfigDict, workdir: str) -> Dict[str, Any]:
         checkpointer=checkpointer, data_state=data_iter.get_state, meta=lambda: meta_value,
         writer=writer, hooks=plan.hooks)
   checkpointer.close()
+  # One per batch shape (aspect-ratio buckets), each reused for every later batch of its shape.
+  result["step_compilations"] = step_fn.num_compilations
   with parallel.mesh_context(mesh, rules):
     stage.finish(result, writer)
   return result

@@ -72,14 +72,48 @@ def initial_state(config: mc.ConfigDict, workdir: str, init_fn: Callable, mesh, 
   return state, shardings, None, None
 
 
-def compile_step(step_fn: Callable, state: Any, shardings: Any, batch: Any, extra: tuple,
-                 mesh) -> Callable:
-  """AOT-compiles the donated step with explicit shardings and logs its memory use."""
-  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-  extra_shardings = jax.tree.map(lambda x: x.sharding, extra)
-  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings) + tuple(extra_shardings),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-  compiled = jitted.lower(state, batch, *extra).compile()
+class CompiledStep:
+  """The donated step, compiled ahead once per batch shape and reused.
+
+  Aspect-ratio buckets (data.buckets) feed batches of several shapes; each shape is compiled the
+  first time it arrives (logging its memory use) and its executable reused for every later batch
+  of that shape. The shardings do not depend on the shape (the state's are fixed; a batch array
+  is split over the data axes whatever its spatial size), so one jitted function serves all.
+
+  Attributes:
+    executables: batch shape signature -> compiled executable; its length is the number of
+      compilations.
+  """
+
+  def __init__(self, jitted):
+    self._jitted = jitted
+    self.executables: Dict[Any, Any] = {}
+
+  @staticmethod
+  def signature(batch: Any) -> Any:
+    leaves, treedef = jax.tree.flatten(batch)
+    return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+
+  def compile_for(self, state: Any, batch: Any, extra: tuple):
+    key = self.signature(batch)
+    if key not in self.executables:
+      compiled = self._jitted.lower(state, batch, *extra).compile()
+      shapes = sorted({s for s, _ in key[1]})
+      logging.info("Train step compiled for batch shapes %s (%d shape(s) so far)", shapes,
+                   len(self.executables) + 1)
+      _log_memory(compiled)
+      self.executables[key] = compiled
+    return self.executables[key]
+
+  def __call__(self, state: Any, batch: Any, *extra):
+    return self.compile_for(state, batch, extra)(state, batch, *extra)
+
+  @property
+  def num_compilations(self) -> int:
+    return len(self.executables)
+
+
+def _log_memory(compiled) -> None:
   try:
     mem = compiled.memory_analysis()
     if mem is not None:
@@ -88,7 +122,19 @@ def compile_step(step_fn: Callable, state: Any, shardings: Any, batch: Any, extr
                    mem.temp_size_in_bytes / 2**20)
   except Exception as e:  # memory analysis is optional on some backends
     logging.info("No memory analysis: %s", e)
-  return compiled
+
+
+def compile_step(step_fn: Callable, state: Any, shardings: Any, batch: Any, extra: tuple,
+                 mesh) -> CompiledStep:
+  """AOT-compiles the donated step with explicit shardings for `batch`'s shape (logging its memory
+  use); batches of other shapes (aspect-ratio buckets) compile once each on arrival."""
+  batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+  extra_shardings = jax.tree.map(lambda x: x.sharding, extra)
+  jitted = jax.jit(step_fn, in_shardings=(shardings, batch_shardings) + tuple(extra_shardings),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+  step = CompiledStep(jitted)
+  step.compile_for(state, batch, extra)
+  return step
 
 
 def device_scalar(x: float, mesh) -> jax.Array:

@@ -19,6 +19,7 @@ from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.artifacts.workdir import DIFFUSION_KIND
 from latent_diffusion_jax.checkpoints.trees import save_frozen
 from latent_diffusion_jax.core.errors import UserInputError
+from latent_diffusion_jax.data import buckets as buckets_lib
 from latent_diffusion_jax.data.batches import make_batches
 from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
@@ -72,6 +73,16 @@ def _check_widths(config: mc.ConfigDict) -> None:
                          f"equal the text encoder width {width}.")
 
 
+def _check_buckets(config: mc.ConfigDict) -> None:
+  """Aspect-ratio buckets come from a bucketed encode (latent shards) and must suit both networks."""
+  if not config.data.buckets:
+    return
+  if config.data.kind != "latent_shards":
+    raise UserInputError(f"data.buckets needs data.kind='latent_shards' (shards written by the "
+                         f"encode command with these buckets), not {config.data.kind!r}.")
+  buckets_lib.check_buckets(config)
+
+
 def _frozen_from_pipeline(config: mc.ConfigDict) -> None:
   """Fine-tuning a diffusers pipeline: its vae/ (and CLIP text_encoder/, tokenizer/) fill the
   frozen.* keys the config leaves empty, so they match the imported UNet."""
@@ -90,6 +101,7 @@ class DiffusionStage(Stage):
   def __init__(self, config, workdir, mesh, global_batch):
     super().__init__(config, workdir, mesh, global_batch)
     _check_widths(config)
+    _check_buckets(config)
     te = config.model.text_encoder
     _frozen_from_pipeline(config)
     self.tokenizer = None
