@@ -348,7 +348,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              mesh: Optional[Mesh] = None, initial_latents: Optional[np.ndarray] = None,
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
              progress_fn: Optional[ProgressFn] = None,
-             params: Optional[SampleParams] = None) -> np.ndarray:
+             params: Optional[SampleParams] = None, first_index: int = 0) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -374,6 +374,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
       batch's images reach the host.
     params: `SampleParams` already placed on `mesh` (e.g. a train state's sharded params), used
       as they are instead of the bundle's, which are then not read; no host copy is made.
+    first_index: the index of the first prompt's image: prompt k starts from
+      `fold_in(PRNGKey(seed), first_index + k)`, so a long list sampled in parts (evaluation
+      shards) gives the images of one call.
 
   Returns:
     [N, H, W, 3] images, uint8 or float32 as `output_type` says.
@@ -422,7 +425,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   for i in range(num_batches):
     indices = np.arange(i * b, (i + 1) * b)
     rows = np.minimum(indices, n - 1)  # padding repeats the last image; dropped below
-    latents, keys = _host_noise(seed, indices, shape)
+    latents, keys = _host_noise(seed, indices + first_index, shape)
     if initial_latents is not None:
       latents = initial_latents[rows]
     args = [cond[rows], None if uncond is None else uncond[rows], latents, keys]
