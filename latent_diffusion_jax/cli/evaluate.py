@@ -18,6 +18,7 @@ Writes <out>/metrics.json, <out>/metrics.md, keeps the generated images in <out>
 from absl import app, flags
 
 from latent_diffusion_jax.cli import errors, source_flags
+from latent_diffusion_jax.core import errors as errors_lib
 from latent_diffusion_jax.diffusion.samplers import SAMPLERS
 from latent_diffusion_jax.evaluation.features import FEATURE_NETS
 from latent_diffusion_jax.evaluation.scoring import METRICS
@@ -57,7 +58,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   from latent_diffusion_jax.evaluation.run import run_evaluation
-  source = None if _IMAGES.value else source_flags.source_from_flags()
+  if _IMAGES.value:
+    given = [f"--{n}" for n in source_flags.SOURCE_FLAGS if flags.FLAGS[n].value is not None]
+    if given:
+      raise errors_lib.FlagError(f"--images scores a folder; it takes no model ({', '.join(given)})")
+    source = None
+  else:
+    source = source_flags.source_from_flags()
   result = run_evaluation(
       out_dir=_OUT.value, source=source, images=_IMAGES.value, captions=_CAPTIONS.value,
       num_images=_NUM_IMAGES.value, reference_images=_REFERENCE_IMAGES.value,
