@@ -57,7 +57,9 @@ _OUT = flags.DEFINE_string("out", "eval", "Output directory.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from latent_diffusion_jax.core.logs import quiet_libraries
   from latent_diffusion_jax.evaluation.run import run_evaluation
+  quiet_libraries()
   if _IMAGES.value:
     given = [f"--{n}" for n in source_flags.SOURCE_FLAGS if flags.FLAGS[n].value is not None]
     if given:

@@ -42,7 +42,9 @@ def image_metrics(metrics: Sequence[str], generated: Dict[str, np.ndarray], refe
   if "is" in metrics:
     if "logits" not in generated:
       raise FlagError("--metrics is needs a feature network with a classifier (inception, shapes)")
-    splits = IS_SPLITS if len(features) >= IS_SPLITS else 1
+    # Ten splits as the original; fewer than 10 images per split would make each split's score
+    # meaningless, so small sets are scored as one.
+    splits = IS_SPLITS if len(features) >= 10 * IS_SPLITS else 1
     mean, std = inception_score(generated["logits"], splits=splits)
     out["is"] = {"mean": mean, "std": std, "splits": splits}
   if "precision_recall" in metrics:
