@@ -96,6 +96,20 @@ def test_shard_store_refuses_other_settings_and_finds_missing_shards(tmp_path):
     store.read(1, 10, ["y"] * 10)
 
 
+def test_mlperf_config_pins_the_protocol():
+  from latent_diffusion_jax.core.config import base_config, load_config_file
+  assert base_config().evaluation.every == 0  # off unless a config asks for it
+  c = load_config_file(os.path.join(ROOT, "configs/mlperf_sd.py"))
+  e = c.evaluation
+  assert (c.model.image_size, e.sampler, e.num_steps, e.guidance_scale) == (512, "ddim", 50, 8.0)
+  assert e.num_images == 30_000 and tuple(e.metrics) == ("fid", "clip")
+  assert e.features == "inception" and e.captions_file.endswith("captions_val2014.json")
+  # SD 2 base: head dim 64, linear projections, OpenCLIP ViT-H text read at its penultimate layer.
+  assert c.model.unet.head_dim == 64 and c.model.unet.use_linear_projection
+  assert c.model.text_encoder.clip.hidden_size == 1024
+  assert c.diffusion.prediction_type == "epsilon"
+
+
 # ---------------------------------------------------------------- one tiny run, 2 processes
 
 TINY_LDM = (

@@ -64,6 +64,10 @@ class EvalHook:
     if "precision_recall" in self.metrics and e.reference_stats:
       raise UserInputError("evaluation.metrics has precision_recall, which needs reference "
                            "features: leave evaluation.reference_stats empty (held-out images)")
+    if self.net is not None and "fid" in self.metrics and e.num_images < self.net.dim:
+      logging.warning("evaluation.num_images=%d is below the %d feature width: the covariance is "
+                      "singular and FID biased high (compare runs only at equal counts).",
+                      e.num_images, self.net.dim)
     self.reference = None
     self.bundle = ModelBundle(
         unet=unet, unet_params=None, vae=vae, vae_params=None, text_encoder=text_encoder,
@@ -106,7 +110,11 @@ class EvalHook:
     if self.net is not None:
       generated = self.net.extract(images, batch_size=e.feature_batch_size, mesh=self.mesh)
       reference = self._reference() if {"fid", "precision_recall"} & set(self.metrics) else None
-      result.update(scoring.image_metrics(self.metrics, generated, reference))
+      try:
+        result.update(scoring.image_metrics(self.metrics, generated, reference))
+      except ArithmeticError as error:  # a covariance square root gone complex: rare, not fatal
+        logging.error("Step %d: evaluation failed (%s); training goes on.", step, error)
+        return
     if "clip" in self.metrics:
       result["clip"] = scoring.clip_metric(e.clip, [images], self.captions)
     scalars = {f"eval/{k}": float(v) for k, v in flatten(result).items()
