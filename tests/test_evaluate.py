@@ -225,13 +225,10 @@ def evaluated(run):
   reported_early = os.path.exists(os.path.join(out, "metrics.json"))
   first_mtime = os.path.getmtime(os.path.join(out, "generated", "shard_00000.npz"))
   second = _evaluate([*common, "--out", out])
-  from latent_diffusion_jax.artifacts.loader import Source
-  from latent_diffusion_jax.evaluation.run import run_evaluation
-  whole = run_evaluation(
-      out_dir=str(base / "eval_whole"), source=Source(workdir, kind="workdir"),
-      captions=str(captions), num_images=10, reference_images=str(reference), features="shapes",
-      shapes_weights=weights, metrics=("fid", "is", "precision_recall"), num_steps=2,
-      guidance_scale=3.0, seed=5, shard_size=4)
+  # Uninterrupted, in a process like the others (the same devices, so the same arithmetic).
+  _evaluate([*common, "--out", str(base / "eval_whole")])
+  with open(base / "eval_whole" / "metrics.json") as f:
+    whole = json.load(f)
   return dict(base=base, out=out, first=first, second=second, shards=shards,
               first_mtime=first_mtime, reported_early=reported_early, whole=whole, captions=str(captions),
               reference=str(reference), weights=weights)
@@ -251,9 +248,12 @@ def test_command_resumes_to_the_metrics_of_an_uninterrupted_run(evaluated):
     resumed = json.load(f)["metrics"]
   whole = e["whole"]["metrics"]
   assert resumed.keys() == whole.keys() == {"fid", "is", "precision", "recall"}
-  for key in ("fid", "precision", "recall"):
-    assert resumed[key] == pytest.approx(whole[key], rel=1e-9), key
-  assert resumed["is"]["mean"] == pytest.approx(whole["is"]["mean"], rel=1e-9)
+  assert resumed == whole
+  for k in range(3):  # the same images, bit for bit
+    name = f"shard_{k:05d}.npz"
+    with np.load(os.path.join(e["out"], "generated", name)) as a, \
+        np.load(os.path.join(e["base"], "eval_whole", "generated", name)) as b:
+      np.testing.assert_array_equal(a["images"], b["images"])
   assert "| fid |" in e["second"].stdout  # the Markdown table is printed
   assert glob.glob(os.path.join(e["out"], "reference_shapes_*.npz"))
 
@@ -273,8 +273,11 @@ def test_scoring_an_image_folder_gives_the_same_numbers(evaluated, tmp_path):
                        shapes_weights=e["weights"], metrics=("fid", "is", "precision_recall"))
   want = e["whole"]["metrics"]
   assert got["settings"]["num_images"] == 10
-  for key in ("fid", "precision", "recall"):
-    assert got["metrics"][key] == pytest.approx(want[key], rel=1e-9), key
+  # The same pixels; features here come from this process's 8 devices, there from 2, and FID of
+  # 10 images in 128 dimensions (a singular covariance) magnifies their rounding differences.
+  assert got["metrics"]["precision"] == want["precision"]
+  assert got["metrics"]["recall"] == want["recall"]
+  assert got["metrics"]["fid"] == pytest.approx(want["fid"], rel=1e-4)
 
 
 @pytest.mark.slow
