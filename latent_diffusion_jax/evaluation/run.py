@@ -98,6 +98,9 @@ def run_evaluation(*, out_dir: str, source: Optional[loader.Source] = None,
   needs_reference = {"fid", "precision_recall"} & set(metrics)
   if not needs_reference and (reference_images or reference_stats):
     logging.info("No FID or precision/recall asked: the reference is not used.")
+  if "precision_recall" in metrics and not reference_images:
+    raise FlagError("--metrics precision_recall needs the reference features: give "
+                    "--reference_images (a folder), not only --reference_stats")
   if source is not None:
     _check_sampler_args(sampler, num_steps, eta)
   caption_list = None
