@@ -204,17 +204,23 @@ def _evaluate(args, expect_ok=True):
 
 
 @pytest.fixture(scope="module")
-def evaluated(run):
+def reference_folder(tmp_path_factory):
+  """16 held-out shapes images as PNGs."""
+  reference = tmp_path_factory.mktemp("reference")
+  images, _, _ = shapes.generate_batch(0, 16, split="test", seed=9)
+  for i, image in enumerate(images):
+    Image.fromarray(image).save(reference / f"{i:03d}.png")
+  return str(reference)
+
+
+@pytest.fixture(scope="module")
+def evaluated(run, reference_folder):
   """The command interrupted after one shard and resumed; and the same run uninterrupted."""
   base, workdir, _, weights = run
   captions = base / "captions.txt"
   captions.write_text("\n".join(shapes.caption(dict(color=c, shape=s, position=p))
                                 for c, s, p in shapes.combinations("test")))
-  reference = base / "reference"
-  reference.mkdir()
-  images, _, _ = shapes.generate_batch(0, 16, split="test", seed=9)
-  for i, image in enumerate(images):
-    Image.fromarray(image).save(reference / f"{i:03d}.png")
+  reference = reference_folder
   common = ["--checkpoint", workdir, "--captions", str(captions), "--num_images", "10",
             "--reference_images", str(reference), "--features", "shapes",
             "--shapes_weights", weights, "--metrics", "fid,is,precision_recall", "--steps", "2",
@@ -280,36 +286,33 @@ def test_scoring_an_image_folder_gives_the_same_numbers(evaluated, tmp_path):
   assert got["metrics"]["fid"] == pytest.approx(want["fid"], rel=1e-4)
 
 
-@pytest.mark.slow
-def test_bad_input_stops_with_a_message(evaluated, tmp_path):
+def test_bad_input_stops_with_a_message(shapes_weights, reference_folder, tmp_path):
   from latent_diffusion_jax.evaluation.metrics.fid import FeatureStats, save_stats
   from latent_diffusion_jax.evaluation.run import run_evaluation
-  e = evaluated
-  common = dict(features="shapes", shapes_weights=e["weights"], metrics=("fid",),
-                captions=e["captions"])
-  folder = os.path.join(e["base"], "eval_whole")  # no images directly inside
+  weights = shapes_weights[0]
+  common = dict(features="shapes", shapes_weights=weights, metrics=("fid",))
   with pytest.raises(UserError, match="holds no image file"):
-    run_evaluation(out_dir=str(tmp_path / "a"), images=folder, reference_images=e["reference"],
+    run_evaluation(out_dir=str(tmp_path / "a"), images=str(tmp_path), reference_images=reference_folder,
                    **common)
   mixed = tmp_path / "mixed"
   mixed.mkdir()
   Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(mixed / "0.png")
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(mixed / "1.png")
   with pytest.raises(InputFileError, match="1.png is 16x16 but the images before it are 32x32"):
-    run_evaluation(out_dir=str(tmp_path / "b"), images=str(mixed), reference_images=e["reference"],
-                   **common)
+    run_evaluation(out_dir=str(tmp_path / "b"), images=str(mixed),
+                   reference_images=reference_folder, **common)
   wide = tmp_path / "wide.npz"
   save_stats(str(wide), FeatureStats(np.zeros(2048), np.eye(2048)))
   with pytest.raises(UserInputError, match="2048-d statistics but the shapes network gives 128-d"):
-    run_evaluation(out_dir=str(tmp_path / "c"), images=e["reference"], reference_stats=str(wide),
-                   **common)
+    run_evaluation(out_dir=str(tmp_path / "c"), images=reference_folder,
+                   reference_stats=str(wide), **common)
   with pytest.raises(UserInputError, match="FID needs at least 2 images"):
-    run_evaluation(out_dir=str(tmp_path / "d"), images=e["reference"], num_images=1,
-                   reference_images=e["reference"], **common)
+    run_evaluation(out_dir=str(tmp_path / "d"), images=reference_folder, num_images=1,
+                   reference_images=reference_folder, **common)
   # The command line: the message and exit status 1, no traceback.
-  proc = _evaluate(["--images", e["reference"], "--captions", str(tmp_path / "nope.txt"),
-                    "--reference_images", e["reference"], "--features", "shapes",
-                    "--shapes_weights", e["weights"], "--out", str(tmp_path / "e")],
+  proc = _evaluate(["--images", reference_folder, "--captions", str(tmp_path / "nope.txt"),
+                    "--reference_images", reference_folder, "--features", "shapes",
+                    "--shapes_weights", weights, "--out", str(tmp_path / "e")],
                    expect_ok=False)
   assert proc.returncode == 1
   assert "evaluate: MissingInputError: captions file" in proc.stderr and "Traceback" not in proc.stderr
