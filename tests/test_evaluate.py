@@ -235,7 +235,7 @@ def evaluated(run, reference_folder):
   _evaluate([*common, "--out", str(base / "eval_whole")])
   with open(base / "eval_whole" / "metrics.json") as f:
     whole = json.load(f)
-  return dict(base=base, out=out, first=first, second=second, shards=shards,
+  return dict(base=base, workdir=workdir, out=out, first=first, second=second, shards=shards,
               first_mtime=first_mtime, reported_early=reported_early, whole=whole, captions=str(captions),
               reference=str(reference), weights=weights)
 
@@ -262,6 +262,24 @@ def test_command_resumes_to_the_metrics_of_an_uninterrupted_run(evaluated):
       np.testing.assert_array_equal(a["images"], b["images"])
   assert "| fid |" in e["second"].stdout  # the Markdown table is printed
   assert glob.glob(os.path.join(e["out"], "reference_shapes_*.npz"))
+
+
+@pytest.mark.slow
+def test_shards_hold_the_images_of_one_call(evaluated):
+  from latent_diffusion_jax.artifacts.loader import Source, load_bundle
+  from latent_diffusion_jax.sampling.generation import generate
+  e = evaluated
+  bundle = load_bundle(Source(e["workdir"], kind="workdir"))
+  captions = read_captions(e["captions"], 10)
+  settings = dict(seed=5, num_steps=2, guidance_scale=3.0)
+  want = generate(bundle, captions[:8], **settings).astype(np.int32)
+  with np.load(os.path.join(e["out"], "generated", "shard_00001.npz")) as f:
+    shard = f["images"].astype(np.int32)
+  # Shard 1 (images 4..7) is what one call makes for them; this process has 8 devices, the
+  # command had 2, so a pixel may round the other way.
+  assert np.abs(shard - want[4:8]).max() <= 1
+  alone = generate(bundle, captions[4:8], **settings).astype(np.int32)  # images 0..3's noise
+  assert np.abs(alone - want[4:8]).mean() > 5
 
 
 @pytest.mark.slow
