@@ -121,6 +121,9 @@ def test_images_do_not_depend_on_batch_size_or_device_count(bundle, one_device, 
   # Image i is image i of a longer list too.
   longer = sampling.generate(bundle, PROMPTS + ["a circle"], output_type="float", **KW)
   np.testing.assert_allclose(longer[:4], batch1_images, atol=1e-5, rtol=0)
+  # And a list sampled in parts with first_index gives the images of one call (evaluation shards).
+  tail = sampling.generate(bundle, PROMPTS[2:], first_index=2, output_type="float", **KW)
+  np.testing.assert_allclose(tail, batch1_images[2:], atol=1e-5, rtol=0)
 
 
 def test_seed_determinism(bundle):

@@ -290,6 +290,38 @@ def base_config() -> mc.ConfigDict:
   c.sampling.eta = 0.0
   # Prompts of the fixed-seed sample grid logged during training.
   c.sampling.prompts = ("a photograph of an astronaut riding a horse",)
+
+  # In-training generative metrics (training/eval_hook.py), written to TensorBoard as eval/<metric>.
+  c.evaluation = mc.ConfigDict()
+  # Evaluate every N steps (on the EMA params); 0 disables it.
+  c.evaluation.every = 0
+  # The fixed caption set: a text file or COCO captions JSON; "" uses `captions`, then
+  # sampling.prompts, cycled to num_images.
+  c.evaluation.captions_file = ""
+  c.evaluation.captions = ()
+  c.evaluation.num_images = 1000
+  # Any of "fid", "is", "precision_recall", "clip" (clip needs evaluation.clip).
+  c.evaluation.metrics = ("fid",)
+  # Feature network: "inception" (pytorch-fid's, converted weights) or "shapes" (embedded data).
+  c.evaluation.features = "inception"
+  c.evaluation.inception_weights = ""
+  # "" means weights/shapes_features.msgpack (python -m latent_diffusion_jax.cli.train_shapes_features).
+  c.evaluation.shapes_weights = ""
+  # The CLIP model of the CLIP score: a transformers CLIPModel directory or an open_clip
+  # checkpoint (evaluation/feature_nets/clip.py load_clip).
+  c.evaluation.clip = ""
+  # Its open_clip architecture (e.g. "ViT-H-14") when no open_clip_config.json lies beside it.
+  c.evaluation.clip_model_name = ""
+  # Reference .npz (mu, sigma); "" computes it once from the held-out images (data.num_test).
+  c.evaluation.reference_stats = ""
+  c.evaluation.sampler = "ddim"
+  c.evaluation.num_steps = 50
+  c.evaluation.guidance_scale = 7.5
+  c.evaluation.eta = 0.0
+  c.evaluation.seed = 0
+  # Images per sampling call (0: 4 per device) and per feature network call.
+  c.evaluation.batch_size = 0
+  c.evaluation.feature_batch_size = 50
   return c
 
 

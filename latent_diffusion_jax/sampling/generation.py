@@ -384,7 +384,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
              progress_fn: Optional[ProgressFn] = None,
              params: Optional[SampleParams] = None, height: Optional[int] = None,
-             width: Optional[int] = None) -> np.ndarray:
+             width: Optional[int] = None, first_index: int = 0) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -412,6 +412,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
       as they are instead of the bundle's, which are then not read; no host copy is made.
     height, width: image size in pixels, each a multiple of `total_downsampling(bundle)`
       (default: `bundle.image_size`).
+    first_index: the index of the first prompt's image: prompt k starts from
+      `fold_in(PRNGKey(seed), first_index + k)`, so a long list sampled in parts (evaluation
+      shards) gives the images of one call.
 
   Returns:
     [N, H, W, 3] images, uint8 or float32 as `output_type` says.
@@ -460,7 +463,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   for i in range(num_batches):
     indices = np.arange(i * b, (i + 1) * b)
     rows = np.minimum(indices, n - 1)  # padding repeats the last image; dropped below
-    latents, keys = _host_noise(seed, indices, shape)
+    latents, keys = _host_noise(seed, indices + first_index, shape)
     if initial_latents is not None:
       latents = initial_latents[rows]
     args = [cond[rows], None if uncond is None else uncond[rows], latents, keys]

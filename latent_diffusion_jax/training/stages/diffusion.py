@@ -165,6 +165,10 @@ class DiffusionStage(Stage):
       from latent_diffusion_jax.training.sample_hook import SampleGridHook
       hooks.append(SampleGridHook(config, self.workdir, writer, self.scale, self.vae,
                                   self.text_encoder, self.unet, frozen, self.mesh))
+    if config.evaluation.every > 0:
+      from latent_diffusion_jax.training.eval_hook import EvalHook
+      hooks.append(EvalHook(config, self.workdir, writer, self.scale, self.vae, self.text_encoder,
+                            self.unet, frozen, self.mesh))
     step = make_train_step(self.task, self.tx, self.lr, ema_decay=config.optimizer.ema_decay,
                            grad_accum_steps=max(config.optimizer.grad_accum_steps, 1))
     return Plan(step=step, args=(frozen, startup.device_scalar(self.scale, self.mesh)), hooks=hooks,
