@@ -57,12 +57,13 @@ def run_sharded(apply_fn: Callable[[Any, jax.Array], Dict[str, jax.Array]], para
                 mesh: Optional[Mesh] = None) -> Dict[str, np.ndarray]:
   """`apply_fn(params, batch)` jitted over `inputs` in batches split over the mesh's data axes.
 
-  The params are replicated; each batch is `batch_size` rounded up to whole shards, the last one
-  zero-padded (the padding's outputs are dropped). Outputs come back as float64 host arrays.
+  The params are replicated; each batch is `batch_size` (or all inputs, if fewer) rounded up to
+  whole shards, the last one zero-padded (the padding's outputs are dropped). Outputs come back as float64 host arrays.
   """
   mesh = mesh or create_mesh((-1, 1, 1))
   shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-  step = max(shards, -(-batch_size // shards) * shards)
+  # One compiled shape: batches of `step`, never more than the inputs need.
+  step = max(shards, -(-min(batch_size, len(inputs)) // shards) * shards)
   params = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
   fn = _jitted(apply_fn, mesh)
   outputs: Dict[str, list] = {}

@@ -1,18 +1,15 @@
 """Frechet distance between Gaussian fits of two feature sets (FID, Heusel et al. 2017).
 
 Statistics files are `.npz` with arrays `mu` [D] and `sigma` [D, D], the format pytorch-fid and
-clean-fid write, so published reference statistics load as they are. The distance follows
-pytorch-fid's `calculate_frechet_distance`: scipy's `sqrtm` of the covariance product, an epsilon
-on the diagonals when that product is singular, and the real part when rounding leaves an
-imaginary residue.
+clean-fid write, so published reference statistics load as they are. The distance equals
+pytorch-fid's `calculate_frechet_distance` (to 1e-6 relative, tested), computed through symmetric
+eigendecompositions rather than a general matrix square root (see `trace_sqrt_product`).
 """
 
 import dataclasses
 import os
-import warnings
 
 import numpy as np
-from scipy import linalg
 
 from latent_diffusion_jax.core.errors import InputFileError, MissingInputError, UserInputError
 
@@ -43,31 +40,32 @@ def feature_stats(features: np.ndarray) -> FeatureStats:
   return FeatureStats(features.mean(0), np.cov(features, rowvar=False), len(features))
 
 
-def frechet_distance(a: FeatureStats, b: FeatureStats, eps: float = 1e-6) -> float:
-  """||mu_a - mu_b||^2 + tr(S_a + S_b - 2 sqrt(S_a S_b))."""
+def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
+  """||mu_a - mu_b||^2 + tr(S_a) + tr(S_b) - 2 tr sqrt(S_a S_b)."""
   if a.mu.shape != b.mu.shape or a.sigma.shape != b.sigma.shape:
     raise UserInputError(
         f"feature widths differ: {a.mu.shape[0]} vs {b.mu.shape[0]} (statistics from different "
         "feature networks?)")
   diff = a.mu - b.mu
-  covmean = _sqrtm(a.sigma.dot(b.sigma))
-  if not np.isfinite(covmean).all():
-    offset = np.eye(a.sigma.shape[0]) * eps
-    covmean = _sqrtm((a.sigma + offset).dot(b.sigma + offset))
-  if np.iscomplexobj(covmean):
-    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ArithmeticError(
-          f"imaginary component {np.max(np.abs(covmean.imag)):.3g} in the covariance square root")
-    covmean = covmean.real
-  return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma) - 2 * np.trace(covmean))
+  return float(diff.dot(diff) + np.trace(a.sigma) + np.trace(b.sigma)
+               - 2 * trace_sqrt_product(a.sigma, b.sigma))
 
 
-def _sqrtm(matrix: np.ndarray) -> np.ndarray:
-  # pytorch-fid passes disp=False (deprecated in SciPy 1.16, gone in 1.18) to silence the
-  # accuracy warning and ignores the error estimate; the same matrix comes back without it.
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", linalg.LinAlgWarning)
-    return linalg.sqrtm(matrix)
+def trace_sqrt_product(sigma_a: np.ndarray, sigma_b: np.ndarray) -> float:
+  """tr sqrt(S_a S_b) for covariances S_a, S_b.
+
+  S_a S_b is similar to S_a^(1/2) S_b S_a^(1/2), which is symmetric positive semi-definite, so its
+  square root's trace is the sum of the square roots of that matrix's eigenvalues: two symmetric
+  eigendecompositions instead of pytorch-fid's general `scipy.linalg.sqrtm` of S_a S_b (for
+  2048-wide Inception features about a second instead of tens). The value is the same (tested
+  against pytorch-fid to 1e-6 relative); a singular product needs no epsilon on the diagonals, as
+  rounding below zero is clipped.
+  """
+  w, v = np.linalg.eigh(sigma_a)
+  root_a = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+  inner = root_a @ sigma_b @ root_a
+  eigenvalues = np.linalg.eigvalsh((inner + inner.T) / 2)
+  return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
 
 
 def save_stats(path: str, stats: FeatureStats) -> None:
