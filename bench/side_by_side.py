@@ -9,6 +9,8 @@ import platform
 import sys
 import threading
 import time
+
+import numpy as np
 from typing import Any, Callable, Dict, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -142,15 +144,18 @@ class PeakMemory:
     return False
 
 
-def timed(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> float:
-  """Seconds per call of `fn` over `steps` calls, after one untimed call; `sync` waits for a result."""
+def timed(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> Dict[str, float]:
+  """Seconds per call of `fn`: each of `steps` calls waited for (`sync`) and timed on its own,
+  after one untimed call. The median is what the tables report: on a machine shared with other
+  jobs it is far steadier than the mean, and one call of a train step is long enough that the
+  wait between calls costs nothing measurable."""
   sync(fn())
-  t = time.perf_counter()
-  out = None
+  times = []
   for _ in range(steps):
-    out = fn()
-  sync(out)
-  return (time.perf_counter() - t) / steps
+    t = time.perf_counter()
+    sync(fn())
+    times.append(time.perf_counter() - t)
+  return {"median": float(np.median(times)), "best": min(times), "mean": float(np.mean(times))}
 
 
 def environment() -> Dict[str, Any]:

@@ -20,7 +20,12 @@ import numpy as np
 
 def step_flops(compiled: Any) -> Optional[float]:
   """FLOPs of one call of a compiled executable (`jax.jit(f).lower(...).compile()`), per device,
-  from XLA's cost analysis; None where the backend reports none."""
+  from XLA's cost analysis; None where the backend reports none.
+
+  XLA counts the body of a while loop once, whatever its trip count: a step with loops (scan,
+  lax.map, fori_loop: gradient accumulation, "chunked" attention) is under-counted by them.
+  `matmul_conv_flops` multiplies scans by their length.
+  """
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # some backends do not implement it
@@ -107,5 +112,8 @@ def measure_matmul_peak(size: int = 2048, dtype: Any = jnp.float32, repeats: int
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:
-  """Model-FLOPs utilization: achieved FLOP/s over the peak (all per device, or all in total)."""
+  """Model-FLOPs utilization: achieved FLOP/s over the peak (all per device, or all in total).
+
+  Use model FLOPs (`matmul_conv_flops` of the forward, times 3 for a train step), not XLA's
+  count: recomputation (remat, per-block attention backward) is work, not model progress."""
   return flops_per_step / step_seconds / peak_flops_per_second
