@@ -66,20 +66,20 @@ def _query_block(q, k, block_bytes: int) -> int:
 
 
 def chunked_attention(q, k, v, mask=None, upcast: bool = True,
-                      block_bytes: int = LOGITS_BLOCK_BYTES):
+                      block_bytes: Optional[int] = None):
   """Attention over query blocks of at most `block_bytes` of logits; see the module docstring.
 
   Args:
     q, k, v: [B, Lq, H, D], [B, Lk, H, D], [B, Lk, H, D].
     mask: optional boolean mask broadcastable to [B, H, Lq, Lk].
     upcast: logits and softmax in float32.
-    block_bytes: float32 logits per block.
+    block_bytes: float32 logits per block; default LOGITS_BLOCK_BYTES.
 
   Returns:
     [B, Lq, H, D] in the dtype of `v`.
   """
   b, lq, h, d = q.shape
-  c = _query_block(q, k, block_bytes)
+  c = _query_block(q, k, LOGITS_BLOCK_BYTES if block_bytes is None else block_bytes)
   if c == lq:
     return _block_attention(q, k, v, mask, upcast)
   n = lq // c
