@@ -133,16 +133,22 @@ def main(argv=None):
   from diffusers import StableDiffusionPipeline
   dtype = build.dtype_of(args.dtype)
   bundle = load_bundle(path, dtype=dtype, attention_impl=config.model.attention_impl)
+  other = (load_bundle(path, dtype=dtype, attention_impl=args.compare_attention)
+           if args.compare_attention else None)
   mesh = parallel.create_mesh(config.mesh.shape)
   pipe = StableDiffusionPipeline.from_pretrained(path).to(sbs.torch_device())
   pipe.set_progress_bar_config(disable=True)
   results = {"benchmark": "sample_latency", "config": args.config, "dtype": args.dtype,
              "attention": config.model.attention_impl, "mesh": args.mesh, "steps": args.steps,
              "guidance": args.guidance, "image_size": config.model.image_size,
-             "repeats": args.repeats, **sbs.environment(), "batches": {}}
+             "repeats": args.repeats, "compare_attention": args.compare_attention,
+             **sbs.environment(), "batches": {}}
   compiled_unet = None
   for b in batches:
     row = {"ours_seconds": time_ours(bundle, mesh, b, args.steps, args.guidance, args.repeats)}
+    if other is not None:
+      row["ours_attention_other_seconds"] = time_ours(other, mesh, b, args.steps, args.guidance,
+                                                      args.repeats)
     row["torch_eager_seconds"] = time_torch(pipe, b, args.steps, args.guidance, args.repeats,
                                             args.dtype)
     if args.torch_compile != "off" and "torch_compile_unavailable" not in results:
@@ -157,7 +163,7 @@ def main(argv=None):
             f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
       finally:
         pipe.unet = eager_unet
-    for name in ("ours", "torch_eager", "torch_compile"):
+    for name in ("ours", "ours_attention_other", "torch_eager", "torch_compile"):
       if f"{name}_seconds" in row:
         row[f"{name}_seconds_per_image"] = row[f"{name}_seconds"] / b
         if name != "ours":
@@ -178,14 +184,17 @@ def _print(r):
         f"({r['torch_device']}); diffusers {r['diffusers']}")
   if "torch_compile_unavailable" in r:
     print(f"diffusers torch.compile unavailable: {r['torch_compile_unavailable']}")
-  print("| batch | ours s/image | diffusers eager s/image | ours speed-up | "
-        "diffusers torch.compile s/image | ours speed-up |")
-  print("|---|---|---|---|---|---|")
+  other = r["compare_attention"]
+  print(f"| batch | ours s/image ({r['attention']}) | "
+        + (f"ours s/image ({other}) | " if other else "")
+        + "diffusers eager s/image | ours speed-up | diffusers torch.compile s/image | ours speed-up |")
+  print("|---|---|" + ("---|" if other else "") + "---|---|---|---|")
   for b, row in r["batches"].items():
     comp = (f"{row['torch_compile_seconds_per_image']:.3f} | {row['ours_over_torch_compile']:.2f}"
             if "torch_compile_seconds" in row else "- | -")
-    print(f"| {b} | {row['ours_seconds_per_image']:.3f} | {row['torch_eager_seconds_per_image']:.3f} "
-          f"| {row['ours_over_torch_eager']:.2f} | {comp} |")
+    alt = f"{row['ours_attention_other_seconds_per_image']:.3f} | " if other else ""
+    print(f"| {b} | {row['ours_seconds_per_image']:.3f} | {alt}"
+          f"{row['torch_eager_seconds_per_image']:.3f} | {row['ours_over_torch_eager']:.2f} | {comp} |")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                       help="compute dtype of both sides (params stay float32; torch autocasts)")
   parser.add_argument("--attention", default=None,
                       help="our attention implementation (models/attention.py); default: the config's")
+  parser.add_argument("--compare_attention", default="",
+                      help="also time ours with this attention implementation, in the same run")
   parser.add_argument("--mesh", default="-1,1,1", help="our (data, fsdp, tensor) mesh sizes")
   parser.add_argument("--json", default="", help="also write the results to this JSON file")
   parser.add_argument("--torch_compile", default="auto", choices=("auto", "off"),

@@ -179,6 +179,10 @@ def main(argv=None):
              "latent_size": build.latent_size(config.model), "steps": args.steps, **env}
 
   results["ours"] = run_ours(config, unet, params, host, args.steps)
+  if args.compare_attention:
+    other = args.compare_attention
+    results["ours_attention_" + other] = run_ours(config, unet.clone(attention_impl=other), params,
+                                                  host, args.steps)
   results["torch_eager"] = run_torch(config, model, host, args.steps, args.dtype, False)
   if args.torch_compile == "off":
     results["torch_compile"] = {"unavailable": "off (--torch_compile=off)"}
@@ -191,7 +195,8 @@ def main(argv=None):
   peak = flops_lib.measure_matmul_peak(args.peak_size, build.dtype_of(args.dtype))
   results["matmul_peak_flops_per_device"] = peak
   ours = results["ours"]
-  for name in ("ours", "torch_eager", "torch_compile"):
+  ours_rows = [k for k in results if k.startswith("ours")]
+  for name in ours_rows + ["torch_eager", "torch_compile"]:
     r = results[name]
     if "seconds_per_step" in r:
       r["images_per_second"] = args.batch / r["seconds_per_step"]
@@ -201,7 +206,7 @@ def main(argv=None):
   counted = ours["analytic_flops_per_step"]  # XLA counts a loop body once (see core/flops.py)
   ours["tflops_per_second_per_device"] = counted / ours["seconds_per_step"] / ours["devices"] / 1e12
   ours["mfu"] = flops_lib.mfu(counted / ours["devices"], ours["seconds_per_step"], peak)
-  for name in ("torch_eager", "torch_compile"):
+  for name in ours_rows[1:] + ["torch_eager", "torch_compile"]:
     if "images_per_second" in results[name]:
       results[f"ours_over_{name}"] = ours["images_per_second"] / results[name]["images_per_second"]
 
@@ -222,8 +227,11 @@ def _print(r):
         f"({r['torch_device']}); diffusers {r['diffusers']}")
   print("| implementation | img/s | s/step (median) | s/step (best) | ours / this | peak memory |")
   print("|---|---|---|---|---|---|")
-  for name, label in (("ours", "ours (jax, jitted train step)"), ("torch_eager", "diffusers eager"),
-                      ("torch_compile", "diffusers torch.compile")):
+  rows = [("ours", f"ours (jax, jitted train step, attention {r['attention']})")]
+  rows += [(k, f"ours, attention {k[len('ours_attention_'):]}") for k in r
+           if k.startswith("ours_attention_")]
+  rows += [("torch_eager", "diffusers eager"), ("torch_compile", "diffusers torch.compile")]
+  for name, label in rows:
     x = r[name]
     if "unavailable" in x:
       print(f"| {label} | unavailable: {x['unavailable']} | | | | |")
