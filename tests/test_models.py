@@ -29,7 +29,7 @@ def _qkv(seed, b=2, lq=5, lk=7, h=3, d=8):
           jax.random.normal(ks[2], (b, lk, h, d)))
 
 
-@pytest.mark.parametrize("impl", ["jax", "auto"])
+@pytest.mark.parametrize("impl", ["jax", "chunked", "auto"])
 def test_attention_implementations_agree(impl):
   q, k, v = _qkv(0)
   ref = dot_product_attention(q, k, v, implementation="xla")
@@ -50,7 +50,7 @@ def test_attention_matches_direct_formula_and_rejects_unknown_impl():
   w /= w.sum(-1, keepdims=True)
   np.testing.assert_allclose(dot_product_attention(q, k, v), np.einsum("bhqk,bkhd->bqhd", w, v),
                              atol=1e-5)
-  with pytest.raises(ValueError, match="valid: xla, jax, cudnn, auto"):
+  with pytest.raises(ValueError, match="valid: xla, jax, cudnn, chunked, auto"):
     dot_product_attention(q, k, v, implementation="flash")
 
 

@@ -45,7 +45,20 @@ def unet_pair(request, tmp_path_factory):
 
 @pytest.mark.parity
 def test_unet_matches_diffusers(unet_pair):
+  _check_unet_matches(*unet_pair)
+
+
+@pytest.mark.parity
+def test_unet_with_chunked_attention_matches_diffusers(unet_pair, monkeypatch):
+  """"chunked" attention (the CPU default of "auto"), with blocks small enough that every
+  self-attention runs over several query blocks."""
+  from latent_diffusion_jax.models import attention
+  monkeypatch.setattr(attention, "LOGITS_BLOCK_BYTES", 16 * 1024)
   name, torch_unet, unet, params, cfg = unet_pair
+  _check_unet_matches(name, torch_unet, unet.clone(attention_impl="chunked"), params, cfg)
+
+
+def _check_unet_matches(name, torch_unet, unet, params, cfg):
   rng = np.random.default_rng(1)
   x = rng.standard_normal((2, 4, 16, 16)).astype(np.float32)
   t = np.array([10, 999], np.int64)

@@ -45,8 +45,9 @@ def base_config() -> mc.ConfigDict:
   # Compute dtype of all networks ("float32", "bfloat16", "float16"); params stay in param_dtype.
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
-  # Attention kernel: "xla", "jax", "cudnn" or "auto" (see models/attention.py).
-  c.model.attention_impl = "xla"
+  # Attention kernel: "xla", "jax", "cudnn", "chunked" or "auto" (see models/attention.py); "auto"
+  # is cuDNN flash attention on GPUs in half precision, "chunked" on CPUs, else "jax".
+  c.model.attention_impl = "auto"
   # Image resolution in pixels; latents are image_size / 2^(len(vae.block_out_channels)-1).
   c.model.image_size = 512
 

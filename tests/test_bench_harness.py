@@ -1,0 +1,63 @@
+"""Two-step runs of the side-by-side benchmarks (bench/train_throughput.py, bench/sample_latency.py)
+on the tiny config, each in a subprocess where tensorflow cannot be imported: they run, print
+their tables and write positive numbers. The numbers themselves go to BENCHMARKS.md."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+# Runs a bench script with tensorflow made unimportable, then names any tensorflow module loaded.
+_RUNNER = """
+import runpy, sys
+sys.modules["tensorflow"] = None
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+loaded = [m for m, v in sys.modules.items() if m.startswith("tensorflow") and v is not None]
+print("TENSORFLOW_MODULES", loaded)
+"""
+
+
+def _run(script, args, tmp_path):
+  out = tmp_path / "out.json"
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")  # one CPU device, not the tests' 8
+  proc = subprocess.run([sys.executable, "-c", _RUNNER, script, *args, "--json", str(out)],
+                        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  assert "TENSORFLOW_MODULES []" in proc.stdout, proc.stdout
+  return proc.stdout, json.loads(out.read_text())
+
+
+def test_train_throughput_two_steps(tmp_path):
+  stdout, r = _run("bench/train_throughput.py",
+                   ["--config", "tiny", "--batch", "2", "--steps", "2", "--peak_size", "256",
+                    "--torch_compile", "off"], tmp_path)
+  assert "| ours (jax, jitted train step, attention auto) |" in stdout
+  assert "| diffusers eager |" in stdout
+  assert "unavailable: off" in stdout
+  for side in ("ours", "torch_eager"):
+    assert r[side]["images_per_second"] > 0 and r[side]["seconds_per_step"] > 0
+    assert r[side]["peak_memory_bytes"] is not None
+  ours = r["ours"]
+  assert r["ours_over_torch_eager"] > 0 and r["matmul_peak_flops_per_device"] > 0
+  assert ours["xla_flops_per_image"] > 0 and ours["analytic_flops_per_image"] > 0
+  # XLA counts the same matmuls and convolutions plus elementwise work and the optimizer.
+  assert 0.5 < ours["xla_flops_per_image"] / ours["analytic_flops_per_image"] < 2  # tiny: no loops
+  assert 0 < ours["mfu"] and ours["tflops_per_second_per_device"] > 0
+
+
+def test_sample_latency_two_steps(tmp_path):
+  stdout, r = _run("bench/sample_latency.py",
+                   ["--config", "tiny", "--steps", "2", "--batches", "1", "--repeats", "1",
+                    "--torch_compile", "off", "--workdir", str(tmp_path)], tmp_path)
+  assert "| batch | ours s/image (auto) | diffusers eager s/image | ours speed-up |" in stdout
+  row = r["batches"]["1"]
+  for key in ("ours_seconds_per_image", "torch_eager_seconds_per_image", "ours_over_torch_eager"):
+    assert row[key] > 0, key
+  assert r["steps"] == 2 and r["guidance"] > 1
+  assert os.path.isfile(tmp_path / "pipeline" / "unet" / "config.json")
