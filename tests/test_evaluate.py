@@ -24,6 +24,7 @@ from latent_diffusion_jax.data import shapes
 from latent_diffusion_jax.evaluation.captions import read_captions
 from latent_diffusion_jax.evaluation.feature_nets import shapes as shapes_net
 from latent_diffusion_jax.evaluation.generated_shards import ShardStore
+from test_multihost import TINY_LDM  # the same tiny networks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
@@ -112,14 +113,6 @@ def test_mlperf_config_pins_the_protocol():
 
 # ---------------------------------------------------------------- one tiny run, 2 processes
 
-TINY_LDM = (
-    "--config.model.unet.block_out_channels=(16,32)", "--config.model.unet.attention_levels=(True,False)",
-    "--config.model.unet.num_heads=2", "--config.model.unet.norm_num_groups=8",
-    "--config.model.unet.mid_block_attention=False", "--config.model.unet.cross_attention_dim=16",
-    "--config.model.vae.block_out_channels=(8,8,8)", "--config.model.vae.norm_num_groups=4",
-    "--config.model.vae.mid_block_attention=False", "--config.model.text_encoder.ldm.width=16",
-    "--config.model.text_encoder.ldm.depth=1", "--config.model.text_encoder.ldm.heads=2",
-    "--config.model.text_encoder.ldm.head_dim=8")
 EVAL_IMAGES = 12
 
 
