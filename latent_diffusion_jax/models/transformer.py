@@ -16,7 +16,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   upcast: bool = False
-  attention_impl: str = "auto"
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -66,7 +66,7 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   head_dim: int
   upcast_attention: bool = False
-  attention_impl: str = "auto"
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -88,7 +88,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   groups: int = 32
-  attention_impl: str = "auto"
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -153,7 +153,7 @@ class UNet2DConditionModel(nn.Module):
   freq_shift: int = 0
   dropout: float = 0.0
   remat: bool = False
-  attention_impl: str = "auto"
+  attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
