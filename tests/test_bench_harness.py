@@ -37,7 +37,7 @@ def test_train_throughput_two_steps(tmp_path):
   stdout, r = _run("bench/train_throughput.py",
                    ["--config", "tiny", "--batch", "2", "--steps", "2", "--peak_size", "256",
                     "--torch_compile", "off"], tmp_path)
-  assert "| ours (jax, jitted train step, attention auto) |" in stdout
+  assert f"| ours (jax, jitted train step, attention {r['attention']}) |" in stdout
   assert "| diffusers eager |" in stdout
   assert "unavailable: off" in stdout
   for side in ("ours", "torch_eager"):
@@ -55,7 +55,8 @@ def test_sample_latency_two_steps(tmp_path):
   stdout, r = _run("bench/sample_latency.py",
                    ["--config", "tiny", "--steps", "2", "--batches", "1", "--repeats", "1",
                     "--torch_compile", "off", "--workdir", str(tmp_path)], tmp_path)
-  assert "| batch | ours s/image (auto) | diffusers eager s/image | ours speed-up |" in stdout
+  assert (f"| batch | ours s/image ({r['attention']}) | diffusers eager s/image | ours speed-up |"
+          in stdout)
   row = r["batches"]["1"]
   for key in ("ours_seconds_per_image", "torch_eager_seconds_per_image", "ours_over_torch_eager"):
     assert row[key] > 0, key
