@@ -86,6 +86,28 @@ def base_config() -> mc.ConfigDict:
   c.model.text_encoder.ldm = mc.ConfigDict(dict(
       vocab_size=30522, width=1280, depth=32, heads=8, head_dim=64, mlp_ratio=4.0))
 
+  # What the UNet is conditioned on (models/conditioners/): the LDM paper's tau_theta, chosen by
+  # name. "" follows model.text_encoder.kind (text: "clip" frozen, "ldm_transformer" trained;
+  # "none": unconditional). "class": a learned embedding per class label (batch field
+  # "class_labels"), read by cross-attention and, with use_unet_class_embedding, also added to
+  # the time embedding through the UNet's class embedding (diffusers' num_class_embeds).
+  # "layout": boxes with classes ("layout_boxes", "layout_classes") as tokens of class and
+  # quantized coordinates through a trained transformer. "precomputed": embeddings of any external
+  # encoder stored with the data ("embeddings" [L, D]). Any other name is a conditioner registered
+  # by the file or module in `module` (see docs/CONDITIONING.md).
+  c.model.conditioner = mc.ConfigDict()
+  c.model.conditioner.kind = ""
+  # A Python file or module imported before the conditioner is built (user conditioners).
+  c.model.conditioner.module = ""
+  # "class" and "layout": number of classes and (optional) their names, for sampling by name.
+  c.model.conditioner.num_classes = 0
+  c.model.conditioner.class_names = ()
+  c.model.conditioner.use_unet_class_embedding = False
+  c.model.conditioner.layout = mc.ConfigDict(dict(
+      max_boxes=3, num_bins=32, width=128, depth=2, heads=4, head_dim=32))
+  # "precomputed": the stored embeddings' width and sequence length.
+  c.model.conditioner.precomputed = mc.ConfigDict(dict(width=768, length=77))
+
   c.diffusion = mc.ConfigDict()
   # Noise schedule: "linear", "scaled_linear" (SD) or "cosine".
   c.diffusion.schedule = "scaled_linear"
