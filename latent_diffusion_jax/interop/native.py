@@ -103,6 +103,8 @@ def export_native(bundle: ModelBundle, out_dir: str, *, dtype: Optional[str] = N
       "image_size": int(bundle.image_size), "max_length": int(bundle.max_length),
       "metadata": json.loads(json.dumps(bundle.metadata, default=str)),
   }
+  if bundle.image_conditioning is not None:
+    config["image_conditioning"] = bundle.image_conditioning.to_dict()
   written = {"config": os.path.join(out_dir, "config.json")}
   with open(written["config"], "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -181,4 +183,5 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
       tokenizer_path=tokenizer if os.path.isdir(tokenizer) else None,
       scaling_factor=float(config["scaling_factor"]), diffusion=DiffusionSpec.from_dict(config["diffusion"]),
       image_size=int(config["image_size"]), max_length=int(config["max_length"]),
-      metadata={**config.get("metadata", {}), "source": out_dir})
+      metadata={**config.get("metadata", {}), "source": out_dir},
+      image_conditioning=config.get("image_conditioning"))

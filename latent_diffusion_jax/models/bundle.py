@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
+from latent_diffusion_jax.models.image_conditioning import ImageConditioning
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
@@ -49,6 +50,8 @@ class ModelBundle:
     image_size: the training resolution in pixels.
     max_length: the tokenizer/text-encoder sequence length.
     metadata: free-form provenance (config, step, version), written into exported files.
+    image_conditioning: what the UNet's input channels beyond the latent hold (inpainting,
+      upscaling, semantic map; `models/image_conditioning.py`), or None for none.
   """
   unet: UNet2DConditionModel
   unet_params: Any
@@ -62,10 +65,14 @@ class ModelBundle:
   image_size: int
   max_length: int = 77
   metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  image_conditioning: Optional[ImageConditioning] = None
 
   def __post_init__(self):
     if not isinstance(self.diffusion, DiffusionSpec):
       self.diffusion = DiffusionSpec.from_dict(self.diffusion)
+    if self.image_conditioning is not None and not isinstance(self.image_conditioning,
+                                                              ImageConditioning):
+      self.image_conditioning = ImageConditioning.from_dict(self.image_conditioning)
 
   @property
   def latent_size(self) -> int:
