@@ -69,7 +69,7 @@ def _vae(levels, seed, scaling_factor=0.5):
       in_channels=3, out_channels=3, block_out_channels=chans, layers_per_block=1,
       down_block_types=("DownEncoderBlock2D",) * levels,
       up_block_types=("UpDecoderBlock2D",) * levels, latent_channels=4, norm_num_groups=4,
-      sample_size=16, scaling_factor=scaling_factor), seed=seed, scale=0.05)
+      sample_size=16, scaling_factor=scaling_factor), seed=seed, scale=0.15)
 
 
 def _ddim(**kw):
@@ -111,7 +111,8 @@ def upscale_pipeline(parts, tmp_path_factory):
                                     beta_schedule="scaled_linear")
   pipe = diffusers.StableDiffusionUpscalePipeline(
       vae=_vae(3, 5, scaling_factor=0.08333), text_encoder=text_encoder, tokenizer=tokenizer,
-      unet=_unet(7, 6, num_class_embeds=1000), low_res_scheduler=low_res,
+      unet=_unet(7, 6, num_class_embeds=1000, only_cross_attention=[True, False]),
+      low_res_scheduler=low_res,
       scheduler=_ddim(prediction_type="v_prediction"), max_noise_level=350)
   return pipe, _save(pipe, tmp_path_factory, "upscale")
 
@@ -124,11 +125,15 @@ def _nhwc(t):
   return t.numpy().transpose(0, 2, 3, 1)
 
 
-def _check(ours, ref):
+def _check(ours, ref, other_noise=None):
+  """Parity within TOL on images with content; `other_noise` (ours with our own seeded noise)
+  must differ, or the comparison would not show that the noise paths agree."""
   err = np.abs(ours - ref).max()
   print(f"parity max abs diff on [0, 1] pixels: {err:.3g}")
   assert err <= TOL, err
-  assert ref.std() > 0.01 and ((ref > 0.02) & (ref < 0.98)).mean() > 0.5
+  assert ref.std() > 0.02 and ((ref > 0.02) & (ref < 0.98)).mean() > 0.5
+  if other_noise is not None:
+    assert np.abs(other_noise - ref).max() > 0.05
 
 
 @pytest.mark.parity
@@ -148,11 +153,13 @@ def test_image_to_image_matches_diffusers(sd_pipeline, one_device):
   ours = ics.image_to_image(bundle, PROMPTS, init, strength=0.6, num_steps=STEPS,
                             guidance_scale=3.0, mesh=one_device, output_type="float",
                             noise={"image": _nhwc(posterior), "latents": _nhwc(noise)})
-  _check(ours, ref)
+  seeded = ics.image_to_image(bundle, PROMPTS, init, strength=0.6, num_steps=STEPS,
+                              guidance_scale=3.0, mesh=one_device, output_type="float")
+  _check(ours, ref, seeded)
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("strength", [1.0, 0.75])
+@pytest.mark.parametrize("strength", [1.0, pytest.param(0.75, marks=pytest.mark.slow)])
 def test_inpainting_model_matches_diffusers(inpaint_pipeline, one_device, strength):
   from latent_diffusion_jax.interop.diffusers import load_pipeline
   pipe, directory = inpaint_pipeline
@@ -175,10 +182,13 @@ def test_inpainting_model_matches_diffusers(inpaint_pipeline, one_device, streng
     given["image"] = _nhwc(image_eps)
   ours = ics.inpaint(bundle, PROMPTS, init, mask, strength=strength, num_steps=STEPS,
                      guidance_scale=3.0, mesh=one_device, output_type="float", noise=given)
-  _check(ours, ref)
+  seeded = ics.inpaint(bundle, PROMPTS, init, mask, strength=strength, num_steps=STEPS,
+                       guidance_scale=3.0, mesh=one_device, output_type="float")
+  _check(ours, ref, seeded)
 
 
 @pytest.mark.parity
+@pytest.mark.slow
 def test_renoising_inpainting_with_a_plain_model_matches_diffusers(sd_pipeline, one_device):
   """StableDiffusionInpaintPipeline with a 4-channel UNet: the known region is re-noised."""
   from latent_diffusion_jax.interop.diffusers import load_pipeline
@@ -212,6 +222,7 @@ def test_upscaler_matches_diffusers(upscale_pipeline, one_device):
   assert cond.kind == "upscaling" and cond.max_noise_level == 350
   assert (cond.noise.beta_start, cond.noise.beta_end) == (0.0001, 0.02)
   assert bundle.vae.downsample_factor == 4 and bundle.scaling_factor == pytest.approx(0.08333)
+  assert bundle.unet.only_cross_attention == (True, False)  # the x4 upscaler's layout
   low = _images(3, 2, 8)
   g = torch.Generator().manual_seed(0)
   low_noise = torch.randn((2, 3, 8, 8), generator=g)
@@ -224,4 +235,6 @@ def test_upscaler_matches_diffusers(upscale_pipeline, one_device):
   ours = ics.upscale(bundle, PROMPTS, low, noise_level=50, num_steps=STEPS, guidance_scale=3.0,
                      mesh=one_device, output_type="float",
                      noise={"latents": _nhwc(noise), "low_res": _nhwc(low_noise)})
-  _check(ours, ref)
+  seeded = ics.upscale(bundle, PROMPTS, low, noise_level=50, num_steps=STEPS,
+                       guidance_scale=3.0, mesh=one_device, output_type="float")
+  _check(ours, ref, seeded)

@@ -45,7 +45,7 @@ def inpainting(sd1):
 @pytest.fixture(scope="module")
 def upscaler(sd1):
   return _with_unet(sd1, 7, ic.ImageConditioning("upscaling", max_noise_level=300),
-                    num_class_embeds=1000)
+                    num_class_embeds=1000, only_cross_attention=(True, False))
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,10 @@ def _unet_params(bundle: ModelBundle) -> dict:
   # CompVis code, which reads a missing value as False like everyone else.
   if unet.use_linear_projection:
     params["use_linear_in_transformer"] = True
+  if unet.only_cross_attention is not False:
+    only = unet.only_cross_attention
+    params["disable_self_attentions"] = ([bool(only)] * len(unet.block_out_channels)
+                                         if isinstance(only, bool) else [bool(v) for v in only])
   if unet.num_class_embeds is not None:
     params["num_classes"] = unet.num_class_embeds
   return params
@@ -220,6 +224,7 @@ def _unet_from_original(p: Mapping[str, Any], extras: Mapping[str, Any],
       transformer_depth=_tuple(p.get("transformer_depth", 1)),
       cross_attention_dim=int(context_dim[0] if isinstance(context_dim, list) else context_dim),
       use_linear_projection=bool(p.get("use_linear_in_transformer", False)),
+      only_cross_attention=_tuple(p.get("disable_self_attentions") or False),
       num_class_embeds=p.get("num_classes"), dropout=float(p.get("dropout", 0.0)))
   kwargs.update({k: _tuple(v) for k, v in extras.items()})
   kwargs.update(overrides)
