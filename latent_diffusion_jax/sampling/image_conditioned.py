@@ -275,14 +275,13 @@ def _rows(arr: np.ndarray, n: int, name: str, size: Optional[tuple] = None) -> n
   return arr
 
 
-def _check_image_size(bundle: ModelBundle, size: tuple, name: str, factor: int) -> None:
-  """Each side a positive multiple of `factor` pixels per coarsest UNet cell."""
+def _check_image_size(size: tuple, name: str, factor: int, why: str) -> None:
+  """Each side a positive multiple of `factor` pixels (one coarsest UNet cell)."""
   for side in size:
     if side < 1 or side % factor:
       raise UserInputError(
           f"{name} is {size[0]}x{size[1]} pixels; this model needs sides that are multiples of "
-          f"{factor} (its first stage's factor x the UNet's 2**(levels-1)), e.g. "
-          f"{max(factor, side // factor * factor)}.")
+          f"{factor} ({why}), e.g. {max(factor, side // factor * factor)}.")
 
 
 def _noise_shapes(mode: str, latent: tuple, low_res: Optional[tuple]) -> dict:
@@ -373,18 +372,21 @@ def generate_from_images(
                   low_res=low_res_image is not None, semantic_map=semantic_map is not None)
   f = bundle.vae.downsample_factor
   total = generation.total_downsampling(bundle)
+  levels = len(bundle.unet.block_out_channels)
+  why = f"the first stage's factor {f} x the UNet's 2**({levels}-1)"
   inputs = dict(image=None, mask=None, low_res=None, noise_level=None, labels=None)
   low_res_shape = None
   if mode in ("img2img", "inpaint", "inpaint_renoise"):
     image = _rows(_unit_images(init_image, "init_image"), n, "init_image")
     size = image.shape[1:3]
-    _check_image_size(bundle, size, "init_image", total)
+    _check_image_size(size, "init_image", total, why)
     inputs["image"] = image
     if mode != "img2img":
       inputs["mask"] = _mask(mask_image, n, size)
   elif mode == "upscale":
     low = _rows(_unit_images(low_res_image, "low_res_image"), n, "low_res_image")
-    _check_image_size(bundle, low.shape[1:3], "low_res_image", total // f)
+    _check_image_size(low.shape[1:3], "low_res_image", total // f,
+                      f"the UNet's 2**({levels}-1): the low-res image has the latent's size")
     size = (low.shape[1] * f, low.shape[2] * f)
     low_res_shape = low.shape[1:]
     inputs["low_res"] = low
@@ -407,7 +409,7 @@ def generate_from_images(
                            f"[{labels.min()}, {labels.max()}].")
     labels = _rows(labels.astype(np.int32), n, "semantic_map")
     size = labels.shape[1:3]
-    _check_image_size(bundle, size, "semantic_map", total)
+    _check_image_size(size, "semantic_map", total, why)
     inputs["labels"] = labels
   start_step = 0
   if mode in ("img2img", "inpaint", "inpaint_renoise"):
