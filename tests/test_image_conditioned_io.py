@@ -236,3 +236,33 @@ def test_sample_py_image_flags_end_to_end(sd1, tmp_path, monkeypatch):
     run("--init_image", str(tmp_path / "init.png"), "--strength", "1.5", "--out", str(out))
   with pytest.raises(SystemExit, match="--strength needs --init_image"):
     run("--strength", "0.5", "--out", str(out))
+
+
+def test_x4_upscaler_unet_config_builds():
+  """The stable-diffusion-x4-upscaler UNet config (its shape-relevant keys): 7 input channels,
+  1000 noise-level classes, no self-attention in the three upper levels."""
+  from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_config,
+                                                             unet_to_diffusers_config)
+  cfg = {
+      "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+      "block_out_channels": [256, 512, 512, 1024], "center_input_sample": False,
+      "class_embed_type": None, "cross_attention_dim": 1024,
+      "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                           "CrossAttnDownBlock2D"],
+      "downsample_padding": 1, "dual_cross_attention": False, "flip_sin_to_cos": True,
+      "freq_shift": 0, "in_channels": 7, "layers_per_block": 2, "mid_block_scale_factor": 1,
+      "norm_eps": 1e-05, "norm_num_groups": 32, "num_class_embeds": 1000,
+      "only_cross_attention": [True, True, True, False], "out_channels": 4,
+      "resnet_time_scale_shift": "default", "sample_size": 128,
+      "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                         "UpBlock2D"],
+      "upcast_attention": False, "use_linear_projection": True,
+  }
+  unet = unet_from_diffusers_config(cfg)
+  assert unet.in_channels == 7 and unet.num_class_embeds == 1000
+  assert unet.only_cross_attention == (True, True, True, False)
+  assert unet.attention_levels == (False, True, True, True)
+  hash(unet)  # modules are cache keys of the sample functions
+  back = unet_to_diffusers_config(unet, 128)
+  assert back["only_cross_attention"] == [True, True, True, False]
+  assert ic.infer(unet.in_channels, 4, upscaling=True).kind == "upscaling"
