@@ -266,3 +266,25 @@ def test_x4_upscaler_unet_config_builds():
   back = unet_to_diffusers_config(unet, 128)
   assert back["only_cross_attention"] == [True, True, True, False]
   assert ic.infer(unet.in_channels, 4, upscaling=True).kind == "upscaling"
+
+
+def test_image_input_files_are_read_and_checked(tmp_path):
+  from latent_diffusion_jax.core.errors import InputFileError, MissingInputError
+  labels = np.zeros((8, 8), np.uint8)
+  labels[:, 4:] = 2
+  Image.fromarray(labels).save(tmp_path / "map.png")
+  Image.fromarray(_rgb(1, 8)[0]).save(tmp_path / "rgb.png")
+  (tmp_path / "junk.png").write_bytes(b"not an image")
+  arrays = sampling.ImageInputs(semantic_map=str(tmp_path / "map.png"),
+                                low_res_image=str(tmp_path / "rgb.png"), noise_level=7).arrays()
+  assert arrays["semantic_map"].dtype == np.int32 and arrays["semantic_map"].shape == (1, 8, 8)
+  np.testing.assert_array_equal(arrays["semantic_map"][0], labels)
+  assert arrays["low_res_image"].shape == (1, 8, 8, 3) and arrays["noise_level"] == 7
+  with pytest.raises(InputFileError, match="--mask_image .* 3 channels; it must be a single-channel"):
+    sampling.ImageInputs(init_image=str(tmp_path / "rgb.png"),
+                         mask_image=str(tmp_path / "rgb.png")).arrays()
+  with pytest.raises(InputFileError, match="--init_image .* not a readable image"):
+    sampling.ImageInputs(init_image=str(tmp_path / "junk.png")).arrays()
+  with pytest.raises(MissingInputError, match="--low_res_image .* no such file"):
+    sampling.ImageInputs(low_res_image=str(tmp_path / "missing.png")).arrays()
+  assert not sampling.ImageInputs().given
