@@ -6,6 +6,12 @@
   python sample.py --model /models/sd15.safetensors --prompt "a photo of a cat" --out /tmp/cat
   python sample.py --checkpoint workdirs/class_ldm --class_label "red circle" --class_label 3
   python sample.py --checkpoint workdirs/layout_ldm --layout layouts.json
+  python sample.py --diffusers /models/sd15 --prompt "a watercolor cat" --init_image cat.png \
+      --strength 0.6 --out /tmp/img2img
+  python sample.py --diffusers /models/sd15-inpainting --prompt "a dog" --init_image cat.png \
+      --mask_image mask.png --out /tmp/inpaint
+  python sample.py --diffusers /models/x4-upscaler --prompt "a cat" --low_res_image small.png \
+      --noise_level 20 --out /tmp/upscaled
 
 Models with a non-text conditioner take --class_label, --layout (JSON, see
 latent_diffusion_jax/sampling/conditions.py) or --embeddings instead of prompts.
@@ -20,6 +26,7 @@ from absl import app, flags
 from latent_diffusion_jax import sampling
 from latent_diffusion_jax.cli import errors, source_flags
 from latent_diffusion_jax.sampling import conditions
+from latent_diffusion_jax.core.errors import FlagError
 
 source_flags.define()
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for more.")
@@ -45,6 +52,29 @@ _LAYOUT = flags.DEFINE_multi_string(
 _EMBEDDINGS = flags.DEFINE_string(
     "embeddings", None, "A .npy file of [n, L, D] (or [L, D]) embeddings for a model on "
     "precomputed embeddings.")
+# Image conditioning (sampling.image_conditioned): one image for every prompt.
+_INIT_IMAGE = flags.DEFINE_string("init_image", None, "RGB image to start from (image-to-image, "
+                                  "SDEdit) or, with --mask_image, to inpaint.")
+_STRENGTH = flags.DEFINE_float("strength", None, "Image-to-image / inpainting strength in (0, 1]: "
+                               "the fraction of the steps taken (default 0.8 image-to-image, 1 "
+                               "inpainting).")
+_MASK_IMAGE = flags.DEFINE_string("mask_image", None, "Grayscale inpainting mask, white = repaint "
+                                  "(inpainting models, or any text-to-image model by re-noising).")
+_LOW_RES_IMAGE = flags.DEFINE_string("low_res_image", None, "RGB image to upscale (upscaler models).")
+_NOISE_LEVEL = flags.DEFINE_integer("noise_level", 20, "Noise level of --low_res_image.")
+_SEMANTIC_MAP = flags.DEFINE_string("semantic_map", None, "Single-channel image of class ids "
+                                    "(semantic-map models).")
+
+
+def _image_inputs():
+  if _STRENGTH.value is not None and not _INIT_IMAGE.value:
+    raise FlagError("--strength needs --init_image (image-to-image or inpainting).")
+  strength = _STRENGTH.value
+  if strength is None:
+    strength = 0.8 if _INIT_IMAGE.value and not _MASK_IMAGE.value else 1.0
+  return sampling.ImageInputs(init_image=_INIT_IMAGE.value, mask_image=_MASK_IMAGE.value,
+                              strength=strength, low_res_image=_LOW_RES_IMAGE.value,
+                              noise_level=_NOISE_LEVEL.value, semantic_map=_SEMANTIC_MAP.value)
 
 
 @errors.exits_on_user_error("sample.py")
@@ -66,7 +96,7 @@ def main(argv):
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value,
-      height=_HEIGHT.value, width=_WIDTH.value)
+      height=_HEIGHT.value, width=_WIDTH.value, image_inputs=_image_inputs())
 
 
 if __name__ == "__main__":

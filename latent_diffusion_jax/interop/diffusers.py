@@ -19,6 +19,8 @@ from latent_diffusion_jax.interop.diffusers_vq import load_vq_model
 from latent_diffusion_jax.interop.files import load_config, load_state_dict
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
+from latent_diffusion_jax.models import image_conditioning
+from latent_diffusion_jax.models.build import first_stage_latent_channels
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
@@ -130,11 +132,8 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
         dirs["text_encoder"], output_layer=text_output_layer,
         allow_pickle=allow_pickle, **{k: v for k, v in overrides.items() if k == "dtype"})
   tokenizer = os.path.join(directory, "tokenizer")
-  scheduler_cfg = {}
-  sched_path = os.path.join(directory, "scheduler", "scheduler_config.json")
-  if os.path.isfile(sched_path):
-    with open(sched_path) as f:
-      scheduler_cfg = json.load(f)
+  scheduler_cfg = _read_json(os.path.join(directory, "scheduler", "scheduler_config.json"))
+  latent_channels = first_stage_latent_channels(vae)
   return ModelBundle(
       unet=unet, unet_params=unet_params, vae=vae, vae_params=vae_params,
       text_encoder=text_encoder, text_encoder_params=text_params,
@@ -143,7 +142,34 @@ def load_pipeline(directory: str, *, allow_pickle: bool = False, text_output_lay
       diffusion=diffusion_from_scheduler_config(scheduler_cfg),
       image_size=int(unet_cfg.get("sample_size", 64)) * vae.downsample_factor,
       max_length=text_encoder.max_position_embeddings if text_encoder is not None else 77,
-      metadata={"source": directory})
+      metadata={"source": directory},
+      image_conditioning=conditioning_from_pipeline(directory, unet.in_channels, latent_channels))
+
+
+UPSCALE_PIPELINE = "StableDiffusionUpscalePipeline"
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def conditioning_from_pipeline(directory: str, unet_in_channels: int,
+                               latent_channels: int) -> "image_conditioning.ImageConditioning":
+  """The image conditioning of a pipeline directory: an upscaler (its model_index names
+  StableDiffusionUpscalePipeline; its low_res_scheduler and max_noise_level), an inpainting
+  model (UNet input 2 * latent + 1 channels, StableDiffusionInpaintPipeline), or None."""
+  index = _read_json(os.path.join(directory, "model_index.json"))
+  if index.get("_class_name") != UPSCALE_PIPELINE:
+    return image_conditioning.infer(unet_in_channels, latent_channels)
+  cond = image_conditioning.infer(unet_in_channels, latent_channels, upscaling=True)
+  low_res = _read_json(os.path.join(directory, "low_res_scheduler", "scheduler_config.json"))
+  noise = diffusion_from_scheduler_config(low_res) if low_res else None
+  return image_conditioning.ImageConditioning(
+      "upscaling", noise=noise,
+      max_noise_level=int(index.get("max_noise_level", image_conditioning.UPSCALER_MAX_NOISE_LEVEL)))
 
 
 def diffusion_from_scheduler_config(cfg: dict) -> DiffusionSpec:

@@ -15,7 +15,7 @@ _UNET_DEFAULTS = {
     "act_fn": "silu", "center_input_sample": False, "class_embed_type": None,
     "addition_embed_type": None, "time_cond_proj_dim": None, "encoder_hid_dim": None,
     "resnet_time_scale_shift": "default", "conv_in_kernel": 3, "conv_out_kernel": 3,
-    "timestep_post_act": None, "dual_cross_attention": False, "only_cross_attention": False,
+    "timestep_post_act": None, "dual_cross_attention": False,
     "attention_type": "default", "time_embedding_type": "positional", "projection_class_embeddings_input_dim": None,
     "class_embeddings_concat": False, "cross_attention_norm": None, "reverse_transformer_layers_per_block": None,
     "downsample_padding": 1, "mid_block_scale_factor": 1, "resnet_skip_time_act": False,
@@ -65,9 +65,17 @@ def unet_from_diffusers_config(cfg: Dict[str, Any], **overrides) -> UNet2DCondit
       upcast_attention=bool(cfg.get("upcast_attention", False)),
       num_class_embeds=cfg.get("num_class_embeds"), mid_block_attention=mid is not None,
       norm_num_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
-      flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0))
+      flip_sin_to_cos=cfg.get("flip_sin_to_cos", True), freq_shift=cfg.get("freq_shift", 0),
+      only_cross_attention=_bool_or_tuple(cfg.get("only_cross_attention", False)))
   kwargs.update(overrides)
   return UNet2DConditionModel(**kwargs)
+
+
+def _bool_or_tuple(value: Any) -> Any:
+  """A per-level flag as the hashable value our module fields hold."""
+  if isinstance(value, (list, tuple)):
+    return tuple(bool(v) for v in value)
+  return bool(value)
 
 
 def unet_to_diffusers_config(unet: UNet2DConditionModel, sample_size: int) -> Dict[str, Any]:
@@ -90,6 +98,9 @@ def unet_to_diffusers_config(unet: UNet2DConditionModel, sample_size: int) -> Di
       "flip_sin_to_cos": unet.flip_sin_to_cos, "freq_shift": unet.freq_shift,
       "act_fn": "silu", "center_input_sample": False, "downsample_padding": 1,
       "mid_block_scale_factor": 1, "dropout": unet.dropout,
+      "only_cross_attention": (list(unet.only_cross_attention)
+                               if not isinstance(unet.only_cross_attention, bool)
+                               else unet.only_cross_attention),
   }
 
 

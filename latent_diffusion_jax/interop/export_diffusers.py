@@ -178,10 +178,29 @@ def scheduler_config(diffusion: DiffusionSpec, scheduler: str = "ddim") -> dict:
   return cfg
 
 
+# Pipeline classes of image-conditioned KL models (bundle.image_conditioning.kind).
+CONDITIONED_PIPELINES = {"inpainting": "StableDiffusionInpaintPipeline",
+                         "upscaling": "StableDiffusionUpscalePipeline"}
+
+
+def pipeline_class(bundle: ModelBundle) -> str:
+  """The diffusers pipeline class a directory of `bundle` is written as."""
+  cond = bundle.image_conditioning
+  if cond is None:
+    return PIPELINES[bundle.first_stage_kind]
+  if cond.kind not in CONDITIONED_PIPELINES:
+    raise ExportError(f"diffusers has no pipeline for {cond.kind} conditioning; export it with "
+                      "--format native (export_native), which keeps it.")
+  if bundle.first_stage_kind != "kl":
+    raise ExportError(f"{CONDITIONED_PIPELINES[cond.kind]} needs an AutoencoderKL first stage; "
+                      "this model's is a VQModel. Export it with --format native.")
+  return CONDITIONED_PIPELINES[cond.kind]
+
+
 def check_diffusers_compatible(bundle: ModelBundle) -> None:
   """Raises ExportError when a pipeline directory cannot hold the bundle."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel
-  pipeline = PIPELINES[bundle.first_stage_kind]
+  pipeline = pipeline_class(bundle)
   if bundle.text_encoder is None:
     raise ExportError(
         f"This model has no text encoder; a {pipeline} directory needs a CLIP text "
@@ -293,8 +312,8 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
         "scheduler": ["diffusers", sched_cfg["_class_name"]],
     })
     return written
-  write_json(written["model_index"], {
-      "_class_name": PIPELINES["kl"],
+  index = {
+      "_class_name": pipeline_class(bundle),
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
       "text_encoder": ["transformers", "CLIPTextModel"],
@@ -302,9 +321,20 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
       "scheduler": ["diffusers", sched_cfg["_class_name"]],
       "safety_checker": [None, None],
       "feature_extractor": [None, None],
-      "image_encoder": [None, None],
-      "requires_safety_checker": False,
-  })
+  }
+  cond = bundle.image_conditioning
+  if cond is not None and cond.kind == "upscaling":
+    # The upscaler's noise augmentation: a DDPMScheduler that only ever adds noise.
+    low_res_cfg = dict(scheduler_config(cond.noise, "ddpm"))
+    written["low_res_scheduler"] = os.path.join(out_dir, "low_res_scheduler",
+                                                "scheduler_config.json")
+    os.makedirs(os.path.dirname(written["low_res_scheduler"]), exist_ok=True)
+    write_json(written["low_res_scheduler"], low_res_cfg)
+    index.update(low_res_scheduler=["diffusers", "DDPMScheduler"], watermarker=[None, None],
+                 max_noise_level=int(cond.max_noise_level))
+  else:
+    index.update(image_encoder=[None, None], requires_safety_checker=False)
+  write_json(written["model_index"], index)
   return written
 
 

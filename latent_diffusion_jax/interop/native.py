@@ -114,6 +114,8 @@ def export_native(bundle: ModelBundle, out_dir: str, *, dtype: Optional[str] = N
     config["conditioner"] = json.loads(conditioner.config)
     if bundle.conditioner_params:
       networks["conditioner"] = (None, bundle.conditioner_params)
+  if bundle.image_conditioning is not None:
+    config["image_conditioning"] = bundle.image_conditioning.to_dict()
   written = {"config": os.path.join(out_dir, "config.json")}
   with open(written["config"], "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -206,3 +208,4 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
       image_size=int(config["image_size"]), max_length=int(config["max_length"]),
       metadata={**config.get("metadata", {}), "source": out_dir},
       conditioner=conditioner, conditioner_params=conditioner_params)
+      image_conditioning=config.get("image_conditioning"))

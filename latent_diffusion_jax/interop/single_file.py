@@ -232,4 +232,5 @@ def load_single_file(path: str, *, config_yaml: Optional[str] = None, allow_pick
       text_encoder_params=text_params, tokenizer_path=tokenizer_path,
       scaling_factor=modules["scaling_factor"], diffusion=modules["diffusion"],
       image_size=modules["image_size"], max_length=modules["max_length"],
-      metadata={"source": path, **modules["metadata"]})
+      metadata={"source": path, **modules["metadata"]},
+      image_conditioning=modules["image_conditioning"])

@@ -5,6 +5,9 @@ and latent size, `unet_config` (openaimodel.UNetModel), `first_stage_config` (Au
 ddconfig) and `cond_stage_config` (FrozenCLIPEmbedder or FrozenOpenCLIPEmbedder), plus a
 `latent_diffusion_jax:` section for what the original cannot express. Read: the same layout, from
 our exporter or from the yaml files that ship with SD 1.x / 2.x checkpoints.
+
+Inpainting models (UNet input = latent + mask + masked-image latents, 9 channels for SD) use the
+`sd-v1-5-inpainting` layout: `LatentInpaintDiffusion` with `conditioning_key: hybrid`.
 """
 
 from typing import Any, Dict, Mapping, Optional
@@ -12,6 +15,7 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 
 from latent_diffusion_jax.interop.export_diffusers import ExportError
+from latent_diffusion_jax.models import image_conditioning
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.bundle import ModelBundle
 from latent_diffusion_jax.models.text_encoders import CLIPTextModel
@@ -22,6 +26,7 @@ EXTRAS_KEY = "latent_diffusion_jax"
 _CLIP_TARGET = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 _OPEN_CLIP_TARGET = "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder"
 _UNCONDITIONAL = "__is_unconditional__"
+_INPAINT_TARGET = "ldm.models.diffusion.ddpm.LatentInpaintDiffusion"
 # ldm's make_beta_schedule names: its "linear" is linear in sqrt(beta), i.e. diffusers' scaled_linear.
 _TO_LDM_SCHEDULE = {"scaled_linear": "linear", "linear": "sqrt_linear", "cosine": "cosine"}
 _FROM_LDM_SCHEDULE = {v: k for k, v in _TO_LDM_SCHEDULE.items()}
@@ -71,6 +76,10 @@ def _unet_params(bundle: ModelBundle) -> dict:
   # CompVis code, which reads a missing value as False like everyone else.
   if unet.use_linear_projection:
     params["use_linear_in_transformer"] = True
+  if unet.only_cross_attention is not False:
+    only = unet.only_cross_attention
+    params["disable_self_attentions"] = ([bool(only)] * len(unet.block_out_channels)
+                                         if isinstance(only, bool) else [bool(v) for v in only])
   if unet.num_class_embeds is not None:
     params["num_classes"] = unet.num_class_embeds
   return params
@@ -159,9 +168,16 @@ def original_config(bundle: ModelBundle, text_layout: Optional[str]) -> dict:
   }
   if te is not None:
     extras["text_encoder"] = {f: getattr(te, f) for f in _CLIP_EXTRA_FIELDS}
-  return _plain({"model": {"base_learning_rate": 1.0e-4,
-                           "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
-                           "params": params},
+  target = "ldm.models.diffusion.ddpm.LatentDiffusion"
+  cond = bundle.image_conditioning
+  if cond is not None:
+    if cond.kind != "inpainting":
+      raise ExportError(f"The single-file layout here holds text-to-image and inpainting models; "
+                        f"this one has {cond.kind} conditioning. Export it with --format native "
+                        "(or --format diffusers for an upscaler).")
+    target = _INPAINT_TARGET
+    params.update(conditioning_key="hybrid", finetune_keys=None)
+  return _plain({"model": {"base_learning_rate": 1.0e-4, "target": target, "params": params},
                  EXTRAS_KEY: extras})
 
 
@@ -208,6 +224,7 @@ def _unet_from_original(p: Mapping[str, Any], extras: Mapping[str, Any],
       transformer_depth=_tuple(p.get("transformer_depth", 1)),
       cross_attention_dim=int(context_dim[0] if isinstance(context_dim, list) else context_dim),
       use_linear_projection=bool(p.get("use_linear_in_transformer", False)),
+      only_cross_attention=_tuple(p.get("disable_self_attentions") or False),
       num_class_embeds=p.get("num_classes"), dropout=float(p.get("dropout", 0.0)))
   kwargs.update({k: _tuple(v) for k, v in extras.items()})
   kwargs.update(overrides)
@@ -319,7 +336,13 @@ def modules_from_original(original: Mapping[str, Any], text_sd: Mapping[str, Any
   cond_params = (mp.get("cond_stage_config") or {})
   cond_params = cond_params.get("params") or {} if isinstance(cond_params, Mapping) else {}
   latent_size = int(mp.get("image_size", 64))
+  conditioning = image_conditioning.infer(unet.in_channels, vae.latent_channels)
+  if conditioning is not None and "Inpaint" not in original["model"].get("target", ""):
+    raise UserInputError(
+        f"The UNet takes {unet.in_channels} input channels (the inpainting layout) but the config's "
+        f"model.target is {original['model'].get('target')!r}, not LatentInpaintDiffusion.")
   return {
+      "image_conditioning": conditioning,
       "unet": unet, "vae": vae, "text_encoder": text, "text_layout": layout,
       "scaling_factor": float(mp.get("scale_factor", 1.0)), "diffusion": diffusion,
       "image_size": int(extras.get("image_size", latent_size * vae.downsample_factor)),

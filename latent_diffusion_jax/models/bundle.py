@@ -14,6 +14,7 @@ from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
 from latent_diffusion_jax.models.conditioners.base import Conditioner
 from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
+from latent_diffusion_jax.models.image_conditioning import ImageConditioning
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.models.vq import VQModel
 from latent_diffusion_jax.core.errors import UserInputError
@@ -53,6 +54,8 @@ class ModelBundle:
     conditioner, conditioner_params: a non-text conditioner (class labels, layouts, precomputed
       embeddings, a user's; models/conditioners/) and its params, or None (text models use
       text_encoder; unconditional models have neither).
+    image_conditioning: what the UNet's input channels beyond the latent hold (inpainting,
+      upscaling, semantic map; `models/image_conditioning.py`), or None for none.
   """
   unet: UNet2DConditionModel
   unet_params: Any
@@ -68,10 +71,14 @@ class ModelBundle:
   metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
   conditioner: Optional[Conditioner] = None
   conditioner_params: Any = None
+  image_conditioning: Optional[ImageConditioning] = None
 
   def __post_init__(self):
     if not isinstance(self.diffusion, DiffusionSpec):
       self.diffusion = DiffusionSpec.from_dict(self.diffusion)
+    if self.image_conditioning is not None and not isinstance(self.image_conditioning,
+                                                              ImageConditioning):
+      self.image_conditioning = ImageConditioning.from_dict(self.image_conditioning)
 
   @property
   def latent_size(self) -> int:

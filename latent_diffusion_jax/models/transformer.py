@@ -62,20 +62,27 @@ class FeedForward(nn.Module):
 
 
 class BasicTransformerBlock(nn.Module):
-  """Pre-LN self-attention, cross-attention to the context, and GEGLU feed-forward, each residual."""
+  """Pre-LN self-attention, cross-attention to the context, and GEGLU feed-forward, each residual.
+
+  `only_cross_attention` makes the first attention attend to the context too (diffusers'
+  only_cross_attention, the original `disable_self_attn`; the SD x4 upscaler's upper levels).
+  """
   heads: int
   head_dim: int
   upcast_attention: bool = False
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attn = dict(heads=self.heads, head_dim=self.head_dim, upcast=self.upcast_attention,
                 attention_impl=self.attention_impl, **kw)
-    x = x + Attention(name="attn1", **attn)(layers.layer_norm(name="norm1", **kw)(x))
+    first_context = context if self.only_cross_attention else None
+    x = x + Attention(name="attn1", **attn)(layers.layer_norm(name="norm1", **kw)(x),
+                                            first_context)
     x = x + Attention(name="attn2", **attn)(layers.layer_norm(name="norm2", **kw)(x), context)
     return x + FeedForward(name="ff", **kw)(layers.layer_norm(name="norm3", **kw)(x))
 
@@ -91,6 +98,7 @@ class Transformer2D(nn.Module):
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True):
@@ -105,7 +113,8 @@ class Transformer2D(nn.Module):
     y = layers.constrain(y, ("batch", "length", "act_embed"))
     for i in range(self.depth):
       y = BasicTransformerBlock(self.heads, self.head_dim, self.upcast_attention,
-                                self.attention_impl, name=f"transformer_blocks_{i}", **kw)(
+                                self.attention_impl, name=f"transformer_blocks_{i}",
+                                only_cross_attention=self.only_cross_attention, **kw)(
                                     y, context, deterministic)
     if self.use_linear_projection:
       y = layers.dense(c, ("heads", "embed"), name="proj_out", **kw)(y).reshape(b, h, w, c)

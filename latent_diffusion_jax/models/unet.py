@@ -88,6 +88,7 @@ class _Level(nn.Module):
   resample: Optional[str]  # "down", "up" or None
   up: bool
   cfg: _Shared
+  only_cross_attention: bool = False
 
   @nn.compact
   def __call__(self, h, temb, context, skips, deterministic):
@@ -104,7 +105,8 @@ class _Level(nn.Module):
       if self.attention:
         h = attn_cls(self.heads, self.head_dim, self.depth, cfg.use_linear_projection,
                      cfg.upcast_attention, cfg.norm_num_groups, cfg.attention_impl,
-                     name=f"attentions_{i}", **kw)(h, context, deterministic)
+                     name=f"attentions_{i}", only_cross_attention=self.only_cross_attention,
+                     **kw)(h, context, deterministic)
       h = layers.constrain(h, ("batch", "height", "width", "act_embed"))
       outputs.append(h)
     if self.resample == "down":
@@ -133,6 +135,8 @@ class UNet2DConditionModel(nn.Module):
     num_class_embeds: number of class labels for a class embedding added to the time embedding.
     mid_block_attention: cross-attention in the mid-block.
     remat: rematerialize ResNet and transformer blocks in the backward pass (saves memory).
+    only_cross_attention: per level (or one bool): the transformers' first attention attends to
+      the context instead of the image (diffusers' only_cross_attention; the SD x4 upscaler).
   """
   in_channels: int = 4
   out_channels: int = 4
@@ -156,6 +160,7 @@ class UNet2DConditionModel(nn.Module):
   attention_impl: str = "xla"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  only_cross_attention: Union[bool, Sequence[bool]] = False
 
   @nn.compact
   def __call__(self, sample: jnp.ndarray, timesteps: jnp.ndarray, context: jnp.ndarray,
@@ -180,6 +185,11 @@ class UNet2DConditionModel(nn.Module):
                        f"of block_out_channels {chans}.")
     heads = heads_per_level(chans, self.num_heads, self.head_dim)
     depth = _per_level(self.transformer_depth, levels, "transformer_depth")
+    only_cross = (tuple(bool(v) for v in self.only_cross_attention)
+                  if not isinstance(self.only_cross_attention, bool)
+                  else (self.only_cross_attention,) * levels)
+    if len(only_cross) != levels:
+      raise UserInputError(f"only_cross_attention {only_cross} needs one entry per level.")
     timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
 
     temb = timestep_embedding(timesteps, chans[0], self.flip_sin_to_cos, self.freq_shift)
@@ -201,7 +211,7 @@ class UNet2DConditionModel(nn.Module):
     for i, c in enumerate(chans):
       h, outs = _Level(c, self.layers_per_block, self.attention_levels[i], heads[i][0], heads[i][1],
                        depth[i], "down" if i < levels - 1 else None, False, shared,
-                       name=f"down_blocks_{i}")(h, temb, context, None, deterministic)
+                       only_cross[i], name=f"down_blocks_{i}")(h, temb, context, None, deterministic)
       skips.extend(outs)
 
     h = _MidBlock(heads[-1][0], heads[-1][1], depth[-1], shared, name="mid_block")(
@@ -211,7 +221,7 @@ class UNet2DConditionModel(nn.Module):
       level = levels - 1 - i
       h, _ = _Level(c, self.layers_per_block + 1, self.attention_levels[level], heads[level][0],
                     heads[level][1], depth[level], "up" if i < levels - 1 else None, True, shared,
-                    name=f"up_blocks_{i}")(h, temb, context, skips, deterministic)
+                    only_cross[level], name=f"up_blocks_{i}")(h, temb, context, skips, deterministic)
 
     h = nn.silu(layers.group_norm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(h))
     return layers.conv(self.out_channels, name="conv_out", **kw)(h)

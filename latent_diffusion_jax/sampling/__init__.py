@@ -4,8 +4,14 @@ from latent_diffusion_jax.sampling.generation import (OUTPUT_TYPES, SAMPLERS, Sa
                                                       bundle_params, default_mesh,
                                                       effective_batch_size, generate, image_noise,
                                                       latent_shape, make_sample_fn, to_uint8)
+from latent_diffusion_jax.sampling.image_conditioned import (generate_from_images, image_to_image,
+                                                             inpaint, semantic_to_image, upscale)
+from latent_diffusion_jax.sampling.image_inputs import ImageInputs
 from latent_diffusion_jax.sampling.run import read_prompts_file, run_sampling
 
 __all__ = ["OUTPUT_TYPES", "SAMPLERS", "SampleFn", "SampleParams", "bundle_params", "default_mesh",
            "effective_batch_size", "generate", "image_noise", "latent_shape", "make_sample_fn",
-           "read_prompts_file", "run_sampling", "to_uint8"]
+           "read_prompts_file", "run_sampling", "to_uint8",
+           # image-conditioned sampling
+           "ImageInputs", "generate_from_images", "image_to_image", "inpaint", "semantic_to_image",
+           "upscale"]

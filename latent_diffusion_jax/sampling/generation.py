@@ -132,7 +132,9 @@ def _check_supported(bundle: ModelBundle) -> None:
     raise UserInputError(
         f"The UNet takes {unet.in_channels} input channels but the VAE latent has "
         f"{bundle.latent_channels}: image-conditioned models (inpainting, upscaling) are not "
-        "supported by text-to-image sampling.")
+        "supported by text-to-image sampling; sample them with "
+        "sampling.image_conditioned.generate_from_images (sample.py --init_image/--mask_image, "
+        "--low_res_image or --semantic_map).")
   if bundle.text_encoder is not None and unet.num_class_embeds is not None:
     raise UserInputError("Models conditioned on both text and class labels are not supported.")
   if bundle.conditioner is not None and bundle.conditioner.context_width != unet.cross_attention_dim:

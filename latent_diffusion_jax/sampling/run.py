@@ -9,6 +9,7 @@ from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.sampling import conditions as conditions_lib
 from latent_diffusion_jax.core import images as images_lib
 from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
+from latent_diffusion_jax.sampling.image_inputs import ImageInputs
 from latent_diffusion_jax.core.errors import UserInputError
 
 
@@ -26,7 +27,8 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
                  height: Optional[int] = None, width: Optional[int] = None,
                  class_labels: Optional[Sequence] = None, layouts: Optional[Sequence] = None,
                  embeddings: Optional[np.ndarray] = None,
-                 print_fn: Callable[[str], None] = print):
+                 print_fn: Callable[[str], None] = print,
+                 image_inputs: Optional[ImageInputs] = None):
   """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
 
   Args:
@@ -41,6 +43,8 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
       (indices or names; layouts as in `generate`; [n, L, D] stored embeddings), each in place
       of prompts, `num_images_per_prompt` images each.
     print_fn: progress lines go here.
+    image_inputs: image files to condition on (image-to-image, inpainting, upscaling, semantic
+      map; `sampling.image_conditioned`); the image size then follows from them.
 
   Returns:
     `images.SavedImages` with the written paths.
@@ -57,6 +61,11 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     raise UserInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
   # Fail on bad settings before spending time on loading the model.
   _check_sampler_args(sampler, num_steps, eta)
+  conditioned = image_inputs is not None and image_inputs.given
+  if conditioned and (height is not None or width is not None):
+    raise UserInputError("--height/--width do not go with image inputs: the size follows from "
+                         "--init_image, --low_res_image or --semantic_map.")
+  image_arrays = image_inputs.arrays() if conditioned else None  # bad files fail before loading
   bundle = loader.load_bundle(source)
   source = bundle.metadata["source"]
   height, width = check_size(bundle, height, width)
@@ -84,14 +93,25 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     note = " (includes compilation)" if done == 1 else ""
     print_fn(f"batch {done}/{total}: {count} images, {rate:.2f} images/s{note}")
 
-  images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
-                    num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    batch_size=batch_size, progress_fn=progress, height=height, width=width,
-                    **conditions)
+  if conditioned:
+    from latent_diffusion_jax.sampling.image_conditioned import generate_from_images
+    images = generate_from_images(
+        bundle, all_prompts, negative_prompt=negative_prompt, seed=seed, num_steps=num_steps,
+        guidance_scale=guidance_scale, sampler=sampler, eta=eta, batch_size=batch_size,
+        progress_fn=progress, **image_arrays)
+    height, width = images.shape[1:3]
+  else:
+    images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
+                      num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
+                      batch_size=batch_size, progress_fn=progress, height=height, width=width,
+                      **conditions)
   settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   eta=eta, negative_prompt=negative_prompt,
                   num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
-                  image_size=bundle.image_size, height=height, width=width, source=source)
+                  image_size=bundle.image_size, height=int(height), width=int(width),
+                  source=source)
+  if conditioned:
+    settings.update(image_inputs.settings())
   if class_labels is not None:
     settings["class_labels"] = [c if isinstance(c, str) else int(c) for c in class_labels]
   if layouts is not None:
