@@ -42,6 +42,7 @@ class Control(NamedTuple):
 
 def _as_float_images(image: Any, channels: int, what: str) -> np.ndarray:
   image = np.asarray(image)
+  shape = image.shape
   if image.dtype == np.uint8:
     image = image.astype(np.float32) / 255.0
   image = image.astype(np.float32)
@@ -50,7 +51,7 @@ def _as_float_images(image: Any, channels: int, what: str) -> np.ndarray:
   if image.ndim == 3:
     image = image[None]
   if image.ndim != 4 or image.shape[-1] != channels:
-    raise UserInputError(f"{what} has shape {image.shape}; expected [H, W, {channels}] or "
+    raise UserInputError(f"{what} has shape {shape}; expected [H, W, {channels}] or "
                          f"[N, H, W, {channels}] (the ControlNet takes {channels} channels).")
   return image
 
