@@ -8,6 +8,7 @@ batch 2 on one device); each ControlNet count and guess mode compiles once.
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -32,7 +33,6 @@ TOL = 2e-3  # on [0, 1] pixels
 
 @pytest.fixture(scope="module")
 def one_device():
-  import jax
   return parallel.create_mesh({"data": 1}, devices=jax.devices()[:1])
 
 
@@ -86,6 +86,10 @@ def setup(tmp_path_factory):
   nets = [_controlnet(unet, seed) for seed in (1, 2)]
   for i, net in enumerate(nets):
     net.save_pretrained(str(root / f"cn{i}"), safe_serialization=True)
+  diffusers.StableDiffusionControlNetPipeline(
+      **parts, controlnet=nets[0], safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False).save_pretrained(str(root / "cn_pipeline"),
+                                                     safe_serialization=True)
 
   def pipeline(controlnet):
     pipe = diffusers.StableDiffusionControlNetPipeline(
@@ -219,3 +223,31 @@ def test_control_input_errors(setup, tmp_path):
                                  "--control_image", "x.png", "--out", str(tmp_path)])
   with pytest.raises(MissingInputError, match="No control image at"):
     sampling.controlnet.read_control_image(str(tmp_path / "missing.png"), 3)
+
+
+def test_controlnet_pipeline_directory_is_a_source(setup):
+  """A StableDiffusionControlNetPipeline directory serves as the base model and as the ControlNet."""
+  root = setup["root"]
+  from_pipeline = loader.load_controlnet(str(root / "cn_pipeline"))
+  alone = loader.load_controlnet(str(root / "cn0"))
+  assert from_pipeline.module == alone.module
+  for a, b in zip(jax.tree.leaves(from_pipeline.params), jax.tree.leaves(alone.params)):
+    np.testing.assert_array_equal(a, b)
+  bundle = loader.load_bundle(str(root / "cn_pipeline"))
+  assert bundle.unet == setup["bundle"].unet
+  with pytest.raises(UserInputError, match="no controlnet/ subdirectory"):
+    loader.load_controlnet(str(root / "sd"))
+
+
+@pytest.mark.slow
+def test_stochastic_sampler_with_control(setup, one_device):
+  """DDPM draws noise per image (a vmap over the batch); the control images ride along: at scale 0
+  the images are the uncontrolled ones, at 0.8 they are not."""
+  net = loader.load_controlnet(str(setup["root"] / "cn0"))
+  kw = dict(KW, sampler="ddpm", seed=3, mesh=one_device, output_type="float")
+  plain = sampling.generate(setup["bundle"], PROMPTS, **kw)
+  images = setup["images"][1]  # one per prompt
+  zero, full = (sampling.generate(setup["bundle"], PROMPTS, **kw, controlnets=[
+      sampling.Control(net.module, net.params, images, scale)]) for scale in (0.0, 0.8))
+  np.testing.assert_allclose(zero, plain, atol=1e-5)
+  assert np.abs(full - plain).max() > 0.05
