@@ -237,3 +237,11 @@ def test_layout_mismatch_names_the_field(pair):
 def test_torch_keys_of_our_tree_are_diffusers_keys(pair):
   _, torch_cn, _, params = pair
   assert set(flax_to_torch(params)) == set(torch_cn.state_dict())
+
+
+def test_hint_channels_downsample_like_the_first_stage():
+  assert controlnet_lib.hint_channels(8) == (16, 32, 96, 256)
+  assert controlnet_lib.hint_channels(4) == (16, 32, 96)
+  assert controlnet_lib.hint_channels(1) == (16,)
+  with pytest.raises(UserInputError, match="downsampling by 3"):
+    controlnet_lib.hint_channels(3)

@@ -204,6 +204,9 @@ def test_control_input_errors(setup, tmp_path):
     sampling.controlnet.prepare([control], wider, 2, 16, 16)
   with pytest.raises(UserInputError, match="block_out_channels"):
     loader.load_controlnet(str(root / "cn0"), base_unet=wider)
+  coarser = control._replace(controlnet=net.module.clone(conditioning_embedding_out_channels=(8, 8, 16)))
+  with pytest.raises(UserInputError, match=r"downsamples control images by 4, the first stage by 2"):
+    run(coarser)
   # A single file records no layout: without the base model it cannot load.
   from latent_diffusion_jax.interop.controlnet import export_controlnet_single_file
   single = export_controlnet_single_file(net.module, net.params, str(tmp_path / "cn.safetensors"))

@@ -27,7 +27,7 @@ import numpy as np
 from latent_diffusion_jax.core.errors import UserInputError
 from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.unet import (UNet2DConditionModel, down_levels, embed_time,
-                                              heads_per_level, level_layout, mid_block)
+                                              level_layout, mid_block)
 
 Dtype = Any
 # The UNet fields a ControlNet copies (its encoder half's layout and runtime settings).
@@ -187,6 +187,17 @@ class ControlNetModel(nn.Module):
     return down, mid * scales[-1]
 
 
+def hint_channels(downsample_factor: int) -> Tuple[int, ...]:
+  """Hint encoder widths that downsample control images by `downsample_factor` (the first
+  stage's): Stable Diffusion's (16, 32, 96, 256) for 8, its first log2(factor) + 1 otherwise."""
+  steps = int(np.log2(downsample_factor))
+  if downsample_factor < 1 or 2 ** steps != downsample_factor or steps > 3:
+    raise UserInputError(f"No hint encoder widths for downsampling by {downsample_factor}; "
+                         "give conditioning_embedding_out_channels (one width per halving, plus "
+                         "the first).")
+  return (16, 32, 96, 256)[:steps + 1]
+
+
 def controlnet_like(unet: UNet2DConditionModel, **fields) -> ControlNetModel:
   """A ControlNet with `unet`'s layout and runtime settings; `fields` sets the hint encoder
   (conditioning_channels, conditioning_embedding_out_channels, ...) or overrides."""
@@ -276,9 +287,3 @@ def controlnet_from_unet(unet: UNet2DConditionModel, unet_params: Any, rng: jax.
       if got != want:
         raise UserInputError(f"The UNet params' {name!r} do not have this UNet's shapes.")
   return controlnet, params
-
-
-def num_heads_per_level(controlnet: ControlNetModel) -> Tuple[int, ...]:
-  """Attention heads per level (for configs that store head counts)."""
-  return tuple(h for h, _ in heads_per_level(controlnet.block_out_channels, controlnet.num_heads,
-                                             controlnet.head_dim))

@@ -463,7 +463,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   shape = latent_shape(bundle, height, width)  # bad sizes fail before anything compiles
   controls = list(controlnets)
   control_images, control_scales = control_lib.prepare(
-      controls, bundle.unet, n, *check_size(bundle, height, width))
+      controls, bundle.unet, n, *check_size(bundle, height, width), bundle.vae.downsample_factor)
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
                              guidance_scale=guidance_scale, eta=eta,
                              controlnets=tuple(c.controlnet for c in controls),
