@@ -20,7 +20,8 @@ transformers = pytest.importorskip("transformers")
 from latent_diffusion_jax import sampling  # noqa: E402
 from latent_diffusion_jax.artifacts import loader  # noqa: E402
 from latent_diffusion_jax.core import parallel  # noqa: E402
-from latent_diffusion_jax.core.errors import FlagError, MissingInputError, UserInputError  # noqa: E402
+from latent_diffusion_jax.core.errors import (FlagError, MissingInputError,  # noqa: E402
+                                              UserInputError)
 from latent_diffusion_jax.data import tokenizers  # noqa: E402
 from latent_diffusion_jax.interop.diffusers import load_pipeline  # noqa: E402
 from latent_diffusion_jax.sampling import generation  # noqa: E402
@@ -190,7 +191,8 @@ def test_control_input_errors(setup, tmp_path):
   bundle, root = setup["bundle"], setup["root"]
   net = loader.load_controlnet(str(root / "cn0"), base_unet=bundle.unet)
   control = sampling.Control(net.module, net.params, setup["images"][0])
-  run = lambda *controls, **kw: sampling.generate(bundle, PROMPTS, **KW, controlnets=controls, **kw)  # noqa: E731
+  def run(*controls, **kw):
+    return sampling.generate(bundle, PROMPTS, **KW, controlnets=controls, **kw)
   with pytest.raises(UserInputError, match=r"Control image 1 is 16x16 pixels .* sampled at 32x16"):
     run(control, width=32)
   with pytest.raises(UserInputError, match=r"Control image 1 has shape \(16, 16, 1\)"):
@@ -204,8 +206,9 @@ def test_control_input_errors(setup, tmp_path):
     sampling.controlnet.prepare([control], wider, 2, 16, 16)
   with pytest.raises(UserInputError, match="block_out_channels"):
     loader.load_controlnet(str(root / "cn0"), base_unet=wider)
-  coarser = control._replace(controlnet=net.module.clone(conditioning_embedding_out_channels=(8, 8, 16)))
-  with pytest.raises(UserInputError, match=r"downsamples control images by 4, the first stage by 2"):
+  coarser = control._replace(
+      controlnet=net.module.clone(conditioning_embedding_out_channels=(8, 8, 16)))
+  with pytest.raises(UserInputError, match="downsamples control images by 4, the first stage by 2"):
     run(coarser)
   # A single file records no layout: without the base model it cannot load.
   from latent_diffusion_jax.interop.controlnet import export_controlnet_single_file
@@ -220,7 +223,8 @@ def test_control_input_errors(setup, tmp_path):
     sampling.controlnet.pair_flags(["a", "b"], ["x"], [])
   with pytest.raises(FlagError, match="3 --control_scale for 2 --controlnet"):
     sampling.controlnet.pair_flags(["a", "b"], ["x", "y"], [1, 2, 3])
-  assert [s.scale for s in sampling.controlnet.pair_flags(["a", "b"], ["x", "y"], [0.5])] == [0.5] * 2
+  paired = sampling.controlnet.pair_flags(["a", "b"], ["x", "y"], [0.5])
+  assert [s.scale for s in paired] == [0.5] * 2
   with pytest.raises(SystemExit, match="sample.py: FlagError: --controlnet needs the base model"):
     _run_cli(load_sample_cli(), ["--prompt", "a red circle", "--controlnet", str(root / "cn0"),
                                  "--control_image", "x.png", "--out", str(tmp_path)])
@@ -229,7 +233,7 @@ def test_control_input_errors(setup, tmp_path):
 
 
 def test_controlnet_pipeline_directory_is_a_source(setup):
-  """A StableDiffusionControlNetPipeline directory serves as the base model and as the ControlNet."""
+  """A StableDiffusionControlNetPipeline directory is both a base model and a ControlNet."""
   root = setup["root"]
   from_pipeline = loader.load_controlnet(str(root / "cn_pipeline"))
   alone = loader.load_controlnet(str(root / "cn0"))

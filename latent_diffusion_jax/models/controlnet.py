@@ -16,7 +16,6 @@ at the pixel size whose latents are `sample`: the hint encoder downsamples by
 2 ** (len(conditioning_embedding_out_channels) - 1), 8 for Stable Diffusion.
 """
 
-import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -170,8 +169,10 @@ class ControlNetModel(nn.Module):
       cond = cond[..., ::-1]
 
     h = layers.conv(chans[0], name="conv_in", **kw)(sample.astype(self.dtype))
-    h = h + ControlNetConditioningEmbedding(chans[0], tuple(self.conditioning_embedding_out_channels),
-                                            name="controlnet_cond_embedding", **kw)(cond)
+    hint = ControlNetConditioningEmbedding(
+        chans[0], tuple(self.conditioning_embedding_out_channels),
+        name="controlnet_cond_embedding", **kw)
+    h = h + hint(cond)
     h, skips = down_levels(self, layout, h, temb, context, deterministic)
     h = mid_block(self, layout, h, temb, context, deterministic)
 
