@@ -12,13 +12,17 @@
       --mask_image mask.png --out /tmp/inpaint
   python sample.py --diffusers /models/x4-upscaler --prompt "a cat" --low_res_image small.png \
       --noise_level 20 --out /tmp/upscaled
+  python sample.py --model /models/sd15 --prompt "a house" --controlnet /models/control_canny \
+      --control_image edges.png --control_scale 0.8 --out /tmp/house
 
 Models with a non-text conditioner take --class_label, --layout (JSON, see
 latent_diffusion_jax/sampling/conditions.py) or --embeddings instead of prompts.
 
 The model: --model (any source, detected) or one of --checkpoint, --diffusers, --single_file,
---native, the same flags as the export command's. Writes one PNG per image, grid.png and
-settings.json into --out; the logic lives in latent_diffusion_jax.sampling.run_sampling.
+--native, the same flags as the export command's. ControlNets: --controlnet, --control_image and
+--control_scale, repeatable and paired in order (one scale serves all), and --guess_mode. Writes
+one PNG per image, grid.png and settings.json into --out; the logic lives in
+latent_diffusion_jax.sampling.run_sampling.
 """
 
 from absl import app, flags
@@ -75,12 +79,26 @@ def _image_inputs():
   return sampling.ImageInputs(init_image=_INIT_IMAGE.value, mask_image=_MASK_IMAGE.value,
                               strength=strength, low_res_image=_LOW_RES_IMAGE.value,
                               noise_level=_NOISE_LEVEL.value, semantic_map=_SEMANTIC_MAP.value)
+_CONTROLNET = flags.DEFINE_multi_string(
+    "controlnet", [], "A ControlNet: a diffusers ControlNetModel directory or an original-layout "
+    "file; repeat for several (their residuals add up).")
+_CONTROL_IMAGE = flags.DEFINE_multi_string(
+    "control_image", [], "The control image of each --controlnet, in order, at the sampled size.")
+_CONTROL_SCALE = flags.DEFINE_multi_float(
+    "control_scale", [], "The scale of each --controlnet, in order (one: for all; default 1.0).")
+_GUESS_MODE = flags.DEFINE_boolean(
+    "guess_mode", False, "ControlNets see the prompt half of guidance only, ramped scales.")
 
 
 @errors.exits_on_user_error("sample.py")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  controlnets = sampling.controlnet.pair_flags(_CONTROLNET.value, _CONTROL_IMAGE.value,
+                                               _CONTROL_SCALE.value)
+  if controlnets and not any(flags.FLAGS[name].value for name in source_flags.SOURCE_FLAGS):
+    raise FlagError("--controlnet needs the base model it controls: give it with one of "
+                           + ", ".join(f"--{name}" for name in source_flags.SOURCE_FLAGS) + ".")
   source = source_flags.source_from_flags()
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
@@ -96,7 +114,8 @@ def main(argv):
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value,
-      height=_HEIGHT.value, width=_WIDTH.value, image_inputs=_image_inputs())
+      height=_HEIGHT.value, width=_WIDTH.value, image_inputs=_image_inputs(),
+      controlnets=controlnets, guess_mode=_GUESS_MODE.value)
 
 
 if __name__ == "__main__":

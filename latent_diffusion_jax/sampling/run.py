@@ -8,6 +8,7 @@ import numpy as np
 from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.sampling import conditions as conditions_lib
 from latent_diffusion_jax.core import images as images_lib
+from latent_diffusion_jax.sampling import controlnet as control_lib
 from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
 from latent_diffusion_jax.sampling.image_inputs import ImageInputs
 from latent_diffusion_jax.core.errors import UserInputError
@@ -27,6 +28,7 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
                  height: Optional[int] = None, width: Optional[int] = None,
                  class_labels: Optional[Sequence] = None, layouts: Optional[Sequence] = None,
                  embeddings: Optional[np.ndarray] = None,
+                 controlnets: Sequence[control_lib.ControlSpec] = (), guess_mode: bool = False,
                  print_fn: Callable[[str], None] = print,
                  image_inputs: Optional[ImageInputs] = None):
   """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
@@ -42,6 +44,9 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     class_labels, layouts, embeddings: the conditions of a model with a non-text conditioner
       (indices or names; layouts as in `generate`; [n, L, D] stored embeddings), each in place
       of prompts, `num_images_per_prompt` images each.
+    controlnets: ControlNets (any source `loader.load_controlnet` reads) with their control image
+      files and scales; each image must have the sampled size. settings.json records them.
+    guess_mode: see `generate`.
     print_fn: progress lines go here.
     image_inputs: image files to condition on (image-to-image, inpainting, upscaling, semantic
       map; `sampling.image_conditioned`); the image size then follows from them.
@@ -65,10 +70,22 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
   if conditioned and (height is not None or width is not None):
     raise UserInputError("--height/--width do not go with image inputs: the size follows from "
                          "--init_image, --low_res_image or --semantic_map.")
+  if conditioned and controlnets:
+    raise UserInputError("ControlNets do not go with image inputs (--init_image, --mask_image, "
+                         "--low_res_image, --semantic_map) yet; use one or the other.")
+  if guess_mode and not controlnets:
+    raise UserInputError("guess_mode applies to ControlNets; none was given (--controlnet).")
   image_arrays = image_inputs.arrays() if conditioned else None  # bad files fail before loading
   bundle = loader.load_bundle(source)
   source = bundle.metadata["source"]
   height, width = check_size(bundle, height, width)
+  controls, control_settings = [], []
+  for spec in controlnets:
+    net = loader.load_controlnet(spec.source, base_unet=bundle.unet)
+    image = control_lib.read_control_image(spec.image, net.module.conditioning_channels)
+    controls.append(control_lib.Control(net.module, net.params, image, spec.scale))
+    control_settings.append(dict(source=loader.as_source(spec.source).describe(),
+                                 image=spec.image, scale=spec.scale))
   k = num_images_per_prompt
   conditions = {}
   if class_labels is not None:
@@ -82,7 +99,9 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     prompts = [f"embedding {i}" for i in range(len(embeddings))]
   all_prompts = conditions_lib.repeat(prompts, k)
   print_fn(f"Sampling {len(all_prompts)} images of {height}x{width}px from {source} "
-           f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
+           f"({sampler}, {num_steps} steps, guidance {guidance_scale}"
+           + (f", {len(controls)} ControlNet(s){', guess mode' if guess_mode else ''}"
+              if controls else "") + ").")
 
   clock = {"last": time.perf_counter()}
 
@@ -104,7 +123,7 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
                       num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
                       batch_size=batch_size, progress_fn=progress, height=height, width=width,
-                      **conditions)
+                      controlnets=controls, guess_mode=guess_mode, **conditions)
   settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   eta=eta, negative_prompt=negative_prompt,
                   num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
@@ -112,6 +131,8 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
                   source=source)
   if conditioned:
     settings.update(image_inputs.settings())
+  if controls:
+    settings.update(controlnets=control_settings, guess_mode=bool(guess_mode))
   if class_labels is not None:
     settings["class_labels"] = [c if isinstance(c, str) else int(c) for c in class_labels]
   if layouts is not None:
