@@ -207,5 +207,5 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
       scaling_factor=float(config["scaling_factor"]), diffusion=DiffusionSpec.from_dict(config["diffusion"]),
       image_size=int(config["image_size"]), max_length=int(config["max_length"]),
       metadata={**config.get("metadata", {}), "source": out_dir},
-      conditioner=conditioner, conditioner_params=conditioner_params)
+      conditioner=conditioner, conditioner_params=conditioner_params,
       image_conditioning=config.get("image_conditioning"))
