@@ -8,14 +8,11 @@ the VAE encodings and the initial latents); the tests draw the same tensors from
 and pass them to ours through `noise`.
 """
 
-import json
-import os
 
 import numpy as np
 import pytest
 
 from latent_diffusion_jax.core import parallel
-from latent_diffusion_jax.core.errors import UserInputError
 from latent_diffusion_jax.data import tokenizers
 from latent_diffusion_jax.sampling import image_conditioned as ics
 

@@ -160,7 +160,7 @@ class DiffusionStage(Stage):
     return estimate_scale(self.config, self.vae, vae_params, batches, self.mesh)
 
   def start(self, meta, writer) -> Plan:
-    config, te = self.config, self.config.model.text_encoder
+    config = self.config
     frozen: Dict[str, Any] = {"vae": self.vae_params}
     if self.text_params is not None:
       frozen["text_encoder"] = self.text_params
