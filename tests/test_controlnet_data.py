@@ -116,3 +116,44 @@ def test_placement_scores_right_and_wrong_places():
   assert blank["placement"] == 0.0
   with pytest.raises(UserInputError):
     placement.placement_scores(right[:3], attrs)
+
+
+def _png(array):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(array).save(buf, "PNG")
+  return buf.getvalue()
+
+
+def test_webdataset_control_member_is_cropped_like_the_image(tmp_path):
+  """A 24x40 image and its control image of the same size: one square crop for both, the
+  control as float [0, 1]; a sample without the member is skipped."""
+  from latent_diffusion_jax.data import webdataset as wds
+  from latent_diffusion_jax.data.tokenizers import build_word_tokenizer, load_tokenizer
+  rng = np.random.default_rng(0)
+  samples = []
+  for j in range(6):
+    image = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    hint = (image > 127).astype(np.uint8) * 255  # a function of the pixels, so pairs stay aligned
+    files = {"png": _png(image), "txt": b"a red circle"}
+    if j != 5:
+      files["control.png"] = _png(hint)
+    samples.append((f"k{j}", files))
+  wds.write_tar_shard(str(tmp_path / "00000.tar"), samples)
+  tok = load_tokenizer(build_word_tokenizer(shapes.vocabulary(), str(tmp_path / "tok"), 12))
+  c = base_config()
+  c.model.image_size, c.data.webdataset = 16, str(tmp_path / "00000.tar")
+  c.model.text_encoder.max_length, c.data.shuffle_buffer = 12, 4
+  c.data.control_member = "control.png"
+  prep = wds.Preprocessing.from_config(c)
+  records = list(wds.read_samples([c.data.webdataset], prep).as_numpy_iterator())
+  assert [r["status"] for r in records[:-1]] == [b""] * 5 + [b"missing_control"]
+  it = wds.training_reader(c, 4, tokenizer=tok, process_index=0, process_count=1)
+  batch = next(it)
+  assert batch["control"].shape == (4, 16, 16, 3) and batch["control"].dtype == np.float32
+  assert 0.0 <= batch["control"].min() and batch["control"].max() <= 1.0
+  # Resizing blurs both alike, so the control still follows the image's bright pixels.
+  bright = batch["images"].astype(np.float32) / 255
+  assert np.corrcoef(bright.ravel(), batch["control"].ravel())[0, 1] > 0.6
+  assert "control_member" not in wds.Preprocessing.from_config(base_config()).describe()
