@@ -5,29 +5,22 @@ config repeats its model keys (the ControlNet copies that UNet) and trains only 
 outline maps computed from each training shape, with captions that never name the position.
   python train.py --config configs/shapes_controlnet.py --workdir workdirs/demo/controlnet \
       --config.training.base_checkpoint=workdirs/demo/ldm
-  python -m latent_diffusion_jax.evaluation.placement --base workdirs/demo/ldm \
-      --controlnet workdirs/demo/controlnet --compare_without
+  python -m latent_diffusion_jax.cli.placement --controlnet workdirs/demo/controlnet \
+      --out workdirs/demo/placement
 Arguments: `tiny` (2 steps on 64 images, for tests; pair it with a base of shapes_ldm's tiny
 models), `control=segmentation` (filled masks instead of outlines).
 """
 
-import importlib.util
 import os
 
-from latent_diffusion_jax.core.config import parse_arg
-
-
-def _shapes_ldm(arg):
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_ldm.py")
-  spec = importlib.util.spec_from_file_location("shapes_ldm_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from latent_diffusion_jax.core.config import load_config_file, parse_arg
 
 
 def get_config(arg=None):
   args = parse_arg(arg, tiny=False, control="outline")
-  c = _shapes_ldm("tiny" if args.tiny else None)
+  # The base's model keys: the ControlNet copies that UNet, and the run's readers rebuild it.
+  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_ldm.py")
+                       + (":tiny" if args.tiny else ""))
   c.stage = "controlnet"
   # The base model: the demo's stage-2 workdir (or any source the loader reads).
   c.training.base_checkpoint = "workdirs/demo/ldm"

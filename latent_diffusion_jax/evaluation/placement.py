@@ -8,8 +8,8 @@ is placed right when the shape `caption_fidelity.detect` finds lies in the grid 
 control map. Sampling the same prompts and seeds without the ControlNet gives the contrast: the
 base model then puts the shape wherever it likes (chance is 25%).
 
-  python -m latent_diffusion_jax.evaluation.placement --base workdirs/shapes_ldm \
-      --controlnet workdirs/shapes_controlnet --out /tmp/placement --compare_without
+  python -m latent_diffusion_jax.cli.placement --controlnet workdirs/demo/controlnet \
+      --out workdirs/demo/placement
 """
 
 import json
@@ -105,3 +105,39 @@ def evaluate(bundle, controlnet: Optional[Tuple[Any, Any]], *, kind: str = "outl
     with open(os.path.join(out_dir, "placement.json"), "w") as f:
       json.dump({**scores, "per_example": per_example}, f, indent=1, default=str)
   return scores
+
+
+def run(controlnet_workdir: str, *, base: str = "", out_dir: Optional[str] = None,
+        compare_without: bool = True, kind: str = "", **kwargs) -> Dict[str, Any]:
+  """Placement of a ControlNet run on its base model, and of the base alone for contrast.
+
+  Args:
+    controlnet_workdir: a stage "controlnet" workdir (its EMA params are used).
+    base: the base model; "" takes the one the run was trained on (its training.base_checkpoint).
+    out_dir: images and scores go to `<out_dir>/controlnet` and `<out_dir>/base`, the summary to
+      `<out_dir>/placement_summary.json`.
+    compare_without: also sample the same prompts and seeds without the ControlNet.
+    kind: the control map ("outline" / "segmentation"); "" takes the run's data.control.
+    **kwargs: `evaluate`'s sampling settings.
+
+  Returns:
+    {"controlnet": scores[, "base": scores], "base_checkpoint", "controlnet_workdir"}.
+  """
+  from latent_diffusion_jax.artifacts.loader import Source, load_bundle
+  from latent_diffusion_jax.artifacts.workdir import load_controlnet
+  from latent_diffusion_jax.core.config import config_from_json
+  module, params, info = load_controlnet(controlnet_workdir)
+  base = base or info["base_checkpoint"]
+  kind = kind or config_from_json(info["config"]).data.control or "outline"
+  bundle = load_bundle(Source(base))
+  sub = lambda name: os.path.join(out_dir, name) if out_dir else None
+  summary = {"controlnet_workdir": controlnet_workdir, "controlnet_step": info["step"],
+             "base_checkpoint": base,
+             "controlnet": evaluate(bundle, (module, params), kind=kind,
+                                    out_dir=sub("controlnet"), **kwargs)}
+  if compare_without:
+    summary["base"] = evaluate(bundle, None, kind=kind, out_dir=sub("base"), **kwargs)
+  if out_dir:
+    with open(os.path.join(out_dir, "placement_summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, default=str)
+  return summary
