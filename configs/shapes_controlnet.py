@@ -34,7 +34,7 @@ def get_config(arg=None):
   c.data.drop_position_words = True
   c.training.control_caption_dropout = 0.5
 
-  c.optimizer.learning_rate = 1e-4 if args.tiny else 2e-4
+  c.optimizer.learning_rate = 1e-4 if args.tiny else 3e-4
   c.optimizer.warmup_steps = 1 if args.tiny else 20
   c.optimizer.schedule = "constant"
   c.optimizer.weight_decay = 0.0

@@ -111,25 +111,19 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
-def place_by_names(module, params: Any, mesh, rules, *example_inputs) -> Any:
+def place_by_names(module, params: Any, mesh, rules, max_length: int = 1) -> Any:
   """Frozen params on the mesh by their logical axis names, as the trained network would be."""
-  boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *example_inputs)["params"])
+  boxed = build.abstract_module_params(module, max_length)
   return jax.device_put(params, parallel.logical_to_sharding(boxed, mesh, rules))
 
 
 def place_frozen(base, max_length: int, mesh, rules) -> Dict[str, Any]:
   """The base UNet, first stage and text encoder placed like trained networks (FSDP / tensor
-  axes shard them as they would the UNet); the empty prompt's ids replicated."""
-  unet, vae, text = base.unet, base.vae, base.text_encoder
-  size = 2 * vae.downsample_factor
-  return {
-      "unet": place_by_names(unet, base.unet_params, mesh, rules,
-                             jnp.zeros((1, 2, 2, unet.in_channels)), jnp.zeros((1,), jnp.int32),
-                             jnp.zeros((1, 1, unet.cross_attention_dim))),
-      "vae": place_by_names(vae, base.vae_params, mesh, rules, jnp.zeros((1, size, size, 3))),
-      "text_encoder": place_by_names(text, base.text_encoder_params, mesh, rules,
-                                     jnp.zeros((1, max_length), jnp.int32)),
-  }
+  axes shard them as they would the UNet)."""
+  return {"unet": place_by_names(base.unet, base.unet_params, mesh, rules),
+          "vae": place_by_names(base.vae, base.vae_params, mesh, rules),
+          "text_encoder": place_by_names(base.text_encoder, base.text_encoder_params, mesh, rules,
+                                         max_length)}
 
 
 class ControlNetStage(Stage):
