@@ -17,6 +17,11 @@ Kinds of source (`detect_kind`):
                    with `config_yaml` and `tokenizer` when they are not beside it.
   native           a directory written by `export --format native`.
 
+ControlNets load through `load_controlnet` (not a bundle network: one base model takes any
+number of them): a diffusers `ControlNetModel` directory (a diffusers_model source), a diffusers
+ControlNet pipeline directory's `controlnet/`, or an original-layout single file, whose layout is
+the base UNet's.
+
 Pickle files are refused unless `allow_pickle` (unpickling runs code from the file).
 """
 
@@ -35,7 +40,8 @@ from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 KINDS = ("workdir", "diffusers", "diffusers_model", "transformers", "single_file", "native")
 # The networks a bundle holds, by the names every consumer uses.
 NETWORKS = ("unet", "vae", "text_encoder")
-_DIFFUSERS_MODELS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "VQModel": "vae"}
+_DIFFUSERS_MODELS = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae", "VQModel": "vae",
+                     "ControlNetModel": "controlnet"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +135,7 @@ def detect_kind(path: str) -> str:
   raise UserInputError(
       f"{path!r} is none of: a training workdir of this package (checkpoints/), a diffusers "
       "pipeline directory (model_index.json, unet/, vae/), a diffusers UNet2DConditionModel / "
-      "AutoencoderKL / VQModel directory (config.json with _class_name), a transformers "
+      "AutoencoderKL / VQModel / ControlNetModel directory (config.json with _class_name), a transformers "
       "CLIPTextModel directory, a single-file checkpoint (.safetensors), or a native export "
       "(config.json with format latent_diffusion_jax.native).")
 
@@ -220,6 +226,9 @@ def load_networks(source: "Source | str", wanted: Sequence[str], *, dtype: Any =
   from latent_diffusion_jax.interop import diffusers
   if kind == "diffusers_model":
     dirs = {_DIFFUSERS_MODELS[_read_json(os.path.join(path, "config.json"))["_class_name"]]: path}
+    if "controlnet" in dirs:
+      raise UserInputError(f"{path!r} holds a ControlNet, not one of {', '.join(wanted)}; load it "
+                           "with load_controlnet (sample.py --controlnet).")
   else:  # both pipeline layouts: vae/ or vqvae/, text_encoder/ or bert/
     dirs = diffusers.component_dirs(path, NETWORKS)
   found, scale = {}, None
@@ -256,3 +265,47 @@ def pipeline_parts(path: str, names: Sequence[str]) -> Dict[str, str]:
     return {}
   from latent_diffusion_jax.interop.diffusers import component_dirs
   return component_dirs(path, names)
+
+
+def load_controlnet(source: "Source | str", *, base_unet: Optional[nn.Module] = None,
+                    dtype: Any = None, attention_impl: Optional[str] = None) -> Network:
+  """A ControlNet and its host params, from a diffusers `ControlNetModel` directory, the
+  `controlnet/` of a diffusers ControlNet pipeline directory, or an original-layout single file.
+
+  Args:
+    source: a `Source`, or a path whose kind is detected.
+    base_unet: the UNet the ControlNet drives. A single file (which records no layout) takes its
+      layout; every other source is checked against it (`models.controlnet.check_matches_unet`).
+    dtype, attention_impl: runtime overrides (None keeps the source's; a single file takes the
+      base UNet's).
+
+  Raises:
+    MissingInputError: nothing at the path, or a single file without `base_unet`.
+    UserInputError: a source holding no ControlNet, or one whose layout does not fit `base_unet`
+      (the message names the field).
+  """
+  from latent_diffusion_jax.interop import controlnet as interop
+  from latent_diffusion_jax.models.controlnet import check_matches_unet
+  source = as_source(source)
+  overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl))
+               if v is not None}
+  path = source.path
+  if source.kind == "single_file":
+    module, params = interop.load_controlnet_single_file(path, base_unet,
+                                                         allow_pickle=source.allow_pickle,
+                                                         **overrides)
+  elif source.kind in ("diffusers_model", "diffusers"):
+    directory = path
+    if source.kind == "diffusers":
+      directory = os.path.join(path, "controlnet")
+      if not os.path.isdir(directory):
+        raise UserInputError(f"The diffusers pipeline {path!r} has no controlnet/ subdirectory.")
+    module, params, _ = interop.load_controlnet_dir(directory, allow_pickle=source.allow_pickle,
+                                                    **overrides)
+  else:
+    raise UserInputError(
+        f"{path!r} is a {source.kind} source; ControlNets load from a diffusers ControlNetModel "
+        "directory, a diffusers ControlNet pipeline (controlnet/) or an original-layout file.")
+  if base_unet is not None:
+    check_matches_unet(module, base_unet, what=f"The ControlNet {path!r}")
+  return Network(module, params)

@@ -159,7 +159,9 @@ class UNet2DConditionModel(nn.Module):
 
   @nn.compact
   def __call__(self, sample: jnp.ndarray, timesteps: jnp.ndarray, context: jnp.ndarray,
-               class_labels: Optional[jnp.ndarray] = None, deterministic: bool = True) -> jnp.ndarray:
+               class_labels: Optional[jnp.ndarray] = None, deterministic: bool = True,
+               down_block_additional_residuals: Optional[Sequence[jnp.ndarray]] = None,
+               mid_block_additional_residual: Optional[jnp.ndarray] = None) -> jnp.ndarray:
     """Predicts the diffusion target.
 
     Args:
@@ -168,6 +170,10 @@ class UNet2DConditionModel(nn.Module):
       context: [B, L, cross_attention_dim] text embeddings.
       class_labels: [B] ints when `num_class_embeds` is set.
       deterministic: disables dropout.
+      down_block_additional_residuals: a ControlNet's residuals, one per skip connection (conv_in,
+        every down-level ResNet/transformer output and downsampler, in that order), added to the
+        skips after the last down level, as diffusers adds them.
+      mid_block_additional_residual: a ControlNet's residual, added to the mid-block output.
 
     Returns:
       [B, h, w, out_channels].
@@ -175,46 +181,98 @@ class UNet2DConditionModel(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     chans = tuple(self.block_out_channels)
     levels = len(chans)
-    if len(self.attention_levels) != levels:
-      raise UserInputError(f"attention_levels {tuple(self.attention_levels)} needs one entry per level "
-                       f"of block_out_channels {chans}.")
-    heads = heads_per_level(chans, self.num_heads, self.head_dim)
-    depth = _per_level(self.transformer_depth, levels, "transformer_depth")
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))
-
-    temb = timestep_embedding(timesteps, chans[0], self.flip_sin_to_cos, self.freq_shift)
-    temb_dim = 4 * chans[0]
-    temb = _TimestepMLP(temb_dim, name="time_embedding", **kw)(temb.astype(self.dtype))
-    if self.num_class_embeds is not None:
-      if class_labels is None:
-        raise UserInputError("This UNet has a class embedding (num_class_embeds="
-                         f"{self.num_class_embeds}); pass class_labels.")
-      temb = temb + layers.embed(self.num_class_embeds, temb_dim, axes=("vocab", "mlp"),
-                                 name="class_embedding", **kw)(class_labels)
+    layout = level_layout(self)
+    temb = embed_time(self, timesteps, sample.shape[0], class_labels)
     context = context.astype(self.dtype)
 
-    shared = _Shared(self.norm_num_groups, self.norm_eps, self.dropout, self.use_linear_projection,
-                     self.upcast_attention, self.mid_block_attention, self.remat,
-                     self.attention_impl, self.dtype, self.param_dtype)
     h = layers.conv(chans[0], name="conv_in", **kw)(sample.astype(self.dtype))
-    skips = [h]
-    for i, c in enumerate(chans):
-      h, outs = _Level(c, self.layers_per_block, self.attention_levels[i], heads[i][0], heads[i][1],
-                       depth[i], "down" if i < levels - 1 else None, False, shared,
-                       name=f"down_blocks_{i}")(h, temb, context, None, deterministic)
-      skips.extend(outs)
-
-    h = _MidBlock(heads[-1][0], heads[-1][1], depth[-1], shared, name="mid_block")(
-        h, temb, context, deterministic)
+    h, skips = down_levels(self, layout, h, temb, context, deterministic)
+    if down_block_additional_residuals is not None:
+      if len(down_block_additional_residuals) != len(skips):
+        raise UserInputError(f"Got {len(down_block_additional_residuals)} down-block residuals; "
+                             f"this UNet has {len(skips)} skip connections.")
+      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
+    h = mid_block(self, layout, h, temb, context, deterministic)
+    if mid_block_additional_residual is not None:
+      h = h + mid_block_additional_residual.astype(h.dtype)
 
     for i, c in enumerate(reversed(chans)):
       level = levels - 1 - i
-      h, _ = _Level(c, self.layers_per_block + 1, self.attention_levels[level], heads[level][0],
-                    heads[level][1], depth[level], "up" if i < levels - 1 else None, True, shared,
-                    name=f"up_blocks_{i}")(h, temb, context, skips, deterministic)
+      h, _ = _Level(c, self.layers_per_block + 1, self.attention_levels[level], layout.heads[level][0],
+                    layout.heads[level][1], layout.depth[level], "up" if i < levels - 1 else None,
+                    True, layout.shared, name=f"up_blocks_{i}")(h, temb, context, skips, deterministic)
 
     h = nn.silu(layers.group_norm(self.norm_num_groups, self.norm_eps, name="conv_norm_out", **kw)(h))
     return layers.conv(self.out_channels, name="conv_out", **kw)(h)
+
+
+# The encoder half below (time embedding, down levels, mid block) is shared with the ControlNet
+# (models/controlnet.py), whose copy of it must hold the same parameter names. Each function is
+# called from inside a compact `__call__` of `m` (a UNet or a ControlNet; both carry the layout
+# fields read here), so the submodules it creates are `m`'s.
+
+
+@dataclasses.dataclass(frozen=True)
+class LevelLayout:
+  """Per-level attention settings and the shared block settings of a UNet-like module."""
+  heads: Tuple[Tuple[int, int], ...]
+  depth: Tuple[int, ...]
+  shared: _Shared
+
+
+def level_layout(m: nn.Module) -> LevelLayout:
+  """Validates `m`'s level fields and returns its per-level layout."""
+  chans = tuple(m.block_out_channels)
+  if len(m.attention_levels) != len(chans):
+    raise UserInputError(f"attention_levels {tuple(m.attention_levels)} needs one entry per level "
+                         f"of block_out_channels {chans}.")
+  return LevelLayout(
+      heads_per_level(chans, m.num_heads, m.head_dim),
+      _per_level(m.transformer_depth, len(chans), "transformer_depth"),
+      _Shared(m.norm_num_groups, m.norm_eps, m.dropout, m.use_linear_projection,
+              m.upcast_attention, m.mid_block_attention, m.remat, m.attention_impl, m.dtype,
+              m.param_dtype))
+
+
+def embed_time(m: nn.Module, timesteps, batch: int, class_labels) -> jnp.ndarray:
+  """The time (plus class) embedding [B, 4 * block_out_channels[0]] ("time_embedding",
+  "class_embedding")."""
+  kw = dict(dtype=m.dtype, param_dtype=m.param_dtype)
+  width = m.block_out_channels[0]
+  timesteps = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+  temb = timestep_embedding(timesteps, width, m.flip_sin_to_cos, m.freq_shift)
+  temb_dim = 4 * width
+  temb = _TimestepMLP(temb_dim, name="time_embedding", **kw)(temb.astype(m.dtype))
+  if m.num_class_embeds is not None:
+    if class_labels is None:
+      raise UserInputError("This UNet has a class embedding (num_class_embeds="
+                           f"{m.num_class_embeds}); pass class_labels.")
+    temb = temb + layers.embed(m.num_class_embeds, temb_dim, axes=("vocab", "mlp"),
+                               name="class_embedding", **kw)(class_labels)
+  return temb
+
+
+def down_levels(m: nn.Module, layout: LevelLayout, h, temb, context, deterministic):
+  """The down levels ("down_blocks_i") on the conv_in output `h`.
+
+  Returns:
+    (the last level's output, the skip connections: `h` then each level's outputs).
+  """
+  chans = tuple(m.block_out_channels)
+  skips = [h]
+  for i, c in enumerate(chans):
+    h, outs = _Level(c, m.layers_per_block, m.attention_levels[i], layout.heads[i][0],
+                     layout.heads[i][1], layout.depth[i], "down" if i < len(chans) - 1 else None,
+                     False, layout.shared, name=f"down_blocks_{i}")(h, temb, context, None,
+                                                                    deterministic)
+    skips.extend(outs)
+  return h, skips
+
+
+def mid_block(m: nn.Module, layout: LevelLayout, h, temb, context, deterministic):
+  """The mid block ("mid_block")."""
+  return _MidBlock(layout.heads[-1][0], layout.heads[-1][1], layout.depth[-1], layout.shared,
+                   name="mid_block")(h, temb, context, deterministic)
 
 
 class _TimestepMLP(nn.Module):

@@ -32,6 +32,7 @@ from latent_diffusion_jax.diffusion import samplers
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle, decode_latents
 from latent_diffusion_jax.core.errors import UserInputError
+from latent_diffusion_jax.sampling import controlnet as control_lib
 
 SAMPLERS = samplers.SAMPLERS
 OUTPUT_TYPES = ("uint8", "float")
@@ -48,10 +49,12 @@ _SD_SCHEDULER_DEFAULTS = {
 
 
 class SampleParams(NamedTuple):
-  """The parameters a sample function takes: one tree per network (None without text encoder)."""
+  """The parameters a sample function takes: one tree per network (None without text encoder),
+  and one per ControlNet of the sample function, in order."""
   unet: Any
   vae: Any
   text_encoder: Any
+  controlnets: tuple = ()
 
 
 def bundle_params(bundle: ModelBundle) -> SampleParams:
@@ -67,6 +70,7 @@ class _Model:
   text_encoder: Any
   scaling_factor: float
   diffusion: DiffusionSpec
+  controlnets: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,10 +81,11 @@ class _Settings:
   eta: float
   prediction_type: str
   scheduler: tuple
+  guess_mode: bool = False
 
 
 class SampleFn:
-  """A jitted `(params, cond, uncond, latents_T, rng) -> images` that counts its traces.
+  """A jitted `(params, cond, uncond, latents_T, rng[, control]) -> images` that counts its traces.
 
   Args of the call:
     params: `SampleParams` (or the equivalent tuple).
@@ -89,6 +94,8 @@ class SampleFn:
     uncond: like `cond`, the negative / empty prompt ids; ignored (pass None) without guidance.
     latents_T: float32 initial noise [B, h, w, c] in UNet units (scaled latents).
     rng: per-image PRNG keys [B, 2] (uint32), used by stochastic samplers (DDPM, DDIM eta > 0).
+    control: with ControlNets, (one control image batch [B, H, W, C] per ControlNet, float32
+      scales [K]); None without.
 
   Returns:
     float32 images [B, H, W, 3] in [-1, 1].
@@ -104,12 +111,14 @@ class SampleFn:
 
     self._jitted = jax.jit(counted)
 
-  def __call__(self, params, cond, uncond, latents_T, rng) -> jnp.ndarray:
-    return self._jitted(tuple(params), cond, uncond if self.guided else None, latents_T, rng)
+  def __call__(self, params, cond, uncond, latents_T, rng, control=None) -> jnp.ndarray:
+    return self._jitted(tuple(params), cond, uncond if self.guided else None, latents_T, rng,
+                        control)
 
-  def lower(self, params, cond, uncond, latents_T, rng):
+  def lower(self, params, cond, uncond, latents_T, rng, control=None):
     """Ahead-of-time lowering, e.g. `.lower(...).compile().memory_analysis()`."""
-    return self._jitted.lower(tuple(params), cond, uncond if self.guided else None, latents_T, rng)
+    return self._jitted.lower(tuple(params), cond, uncond if self.guided else None, latents_T, rng,
+                              control)
 
 
 def _check_sampler_args(sampler: str, num_steps: int, eta: float) -> None:
@@ -132,9 +141,9 @@ def _check_supported(bundle: ModelBundle) -> None:
     raise UserInputError("Models conditioned on both text and class labels are not supported.")
 
 
-def _model_key(bundle: ModelBundle) -> _Model:
+def _model_key(bundle: ModelBundle, controlnets: tuple = ()) -> _Model:
   return _Model(bundle.unet, bundle.vae, bundle.text_encoder, float(bundle.scaling_factor),
-                bundle.diffusion)
+                bundle.diffusion, tuple(controlnets))
 
 
 def _is_guided(bundle: ModelBundle, guidance_scale: float) -> bool:
@@ -143,7 +152,8 @@ def _is_guided(bundle: ModelBundle, guidance_scale: float) -> bool:
 
 
 def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int = 50,
-                   guidance_scale: float = 7.5, eta: float = 0.0) -> SampleFn:
+                   guidance_scale: float = 7.5, eta: float = 0.0, controlnets: Sequence[Any] = (),
+                   guess_mode: bool = False) -> SampleFn:
   """The jitted sampling function for `bundle` and these settings (built once, then cached).
 
   Scheduler details follow Stable Diffusion's scheduler configs (DDIM/DDPM: "leading" timesteps,
@@ -157,6 +167,9 @@ def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int
     guidance_scale: classifier-free guidance weight; <= 1 (or a text-free model) runs the
       conditional model alone, at half the cost.
     eta: DDIM noise level (0 = deterministic DDIM).
+    controlnets: ControlNet modules (models/controlnet.py) whose residuals drive the UNet; their
+      params go in `SampleParams.controlnets`, their images and scales in the call's `control`.
+    guess_mode: ControlNets see the conditional half of a guided batch only (sampling/controlnet.py).
 
   Returns:
     A `SampleFn`; equal models and settings give the same object, so its compiled executables
@@ -174,8 +187,8 @@ def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int
                     if k != "set_alpha_to_one" or sampler == "ddim"})
   settings = _Settings(sampler, int(num_steps), float(guidance_scale) if guided else 1.0,
                        float(eta), bundle.diffusion.prediction_type,
-                       tuple(sorted(scheduler.items())))
-  return _cached_sample_fn(_model_key(bundle), settings)
+                       tuple(sorted(scheduler.items())), bool(guess_mode) and bool(controlnets))
+  return _cached_sample_fn(_model_key(bundle, controlnets), settings)
 
 
 @functools.lru_cache(maxsize=16)
@@ -197,9 +210,14 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
     context = jnp.zeros((cond.shape[0], 1, unet.cross_attention_dim), unet.dtype)
     return context, (cond if unet.num_class_embeds is not None else None)
 
-  def denoise(params: SampleParams, c, uc, x_T, rng):
+  def denoise(params: SampleParams, c, uc, x_T, rng, control):
     def model_fn(x, t, ctx):
-      return unet.apply({"params": params.unet}, x, t, ctx[0], ctx[1])
+      extra = ()
+      if model.controlnets:
+        extra = (True, *control_lib.residuals(model.controlnets, params.controlnets, *control,
+                                              x, t, ctx[0], ctx[1], guided=guided,
+                                              guess_mode=s.guess_mode))
+      return unet.apply({"params": params.unet}, x, t, ctx[0], ctx[1], *extra)
 
     if guided:
       denoise_fn = samplers.classifier_free_guidance(model_fn, c, uc, s.guidance_scale)
@@ -209,16 +227,18 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
                            num_steps=s.num_steps, eta=s.eta, prediction_type=s.prediction_type,
                            **dict(s.scheduler))
 
-  def sample_fn(params, cond, uncond, latents_T, rng):
+  def sample_fn(params, cond, uncond, latents_T, rng, control):
     params = SampleParams(*params)
     c = conditioning(params, cond)
     uc = conditioning(params, uncond) if guided else None
+    images, scales = control if control is not None else ((), None)
     if stochastic:
       add_batch = functools.partial(jax.tree.map, lambda a: a[None])
-      one = lambda c1, uc1, x1, k1: denoise(params, add_batch(c1), add_batch(uc1), x1[None], k1)[0]  # noqa: E731
-      latents = jax.vmap(one)(c, uc, latents_T, rng)
+      one = lambda c1, uc1, x1, k1, i1: denoise(  # noqa: E731
+          params, add_batch(c1), add_batch(uc1), x1[None], k1, (add_batch(i1), scales))[0]
+      latents = jax.vmap(one)(c, uc, latents_T, rng, images)
     else:
-      latents = denoise(params, c, uc, latents_T, None)
+      latents = denoise(params, c, uc, latents_T, None, (images, scales))
     images = decode_latents(model.vae, params.vae, latents / model.scaling_factor)
     return jnp.clip(images.astype(jnp.float32), -1.0, 1.0)
 
@@ -384,7 +404,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
              progress_fn: Optional[ProgressFn] = None,
              params: Optional[SampleParams] = None, height: Optional[int] = None,
-             width: Optional[int] = None, first_index: int = 0) -> np.ndarray:
+             width: Optional[int] = None, first_index: int = 0,
+             controlnets: Sequence[control_lib.Control] = (),
+             guess_mode: bool = False) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -415,6 +437,11 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     first_index: the index of the first prompt's image: prompt k starts from
       `fold_in(PRNGKey(seed), first_index + k)`, so a long list sampled in parts (evaluation
       shards) gives the images of one call.
+    controlnets: `sampling.controlnet.Control`s (ControlNet, params, control image, scale) whose
+      summed residuals drive the UNet, as diffusers' StableDiffusionControlNetPipeline (with a
+      MultiControlNetModel for several) does; with guidance on both halves of the batch.
+    guess_mode: with guidance, the ControlNets see only the prompt half, their residuals ramped
+      from 0.1 to 1 (diffusers' guess_mode; guidance 3-5 suits it).
 
   Returns:
     [N, H, W, 3] images, uint8 or float32 as `output_type` says.
@@ -432,8 +459,13 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   if output_type not in OUTPUT_TYPES:
     raise UserInputError(f"Unknown output_type {output_type!r}; valid: {', '.join(OUTPUT_TYPES)}.")
   shape = latent_shape(bundle, height, width)  # bad sizes fail before anything compiles
+  controls = list(controlnets)
+  control_images, control_scales = control_lib.prepare(
+      controls, bundle.unet, n, *check_size(bundle, height, width))
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
-                             guidance_scale=guidance_scale, eta=eta)
+                             guidance_scale=guidance_scale, eta=eta,
+                             controlnets=tuple(c.controlnet for c in controls),
+                             guess_mode=guess_mode)
   if bundle.text_encoder is None and guidance_scale > 1:
     logging.info("Text-free model: sampling without classifier-free guidance.")
   cond, uncond = _conditioning_inputs(bundle, prompts, negative_prompt, class_labels,
@@ -449,8 +481,13 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   if batch_size is not None and b != min(batch_size, n):
     logging.info("Batch size %d padded to %d, a multiple of the mesh's batch shards.",
                  batch_size, b)
+  replicated = NamedSharding(mesh, PartitionSpec())
   if params is None:
-    params = jax.device_put(tuple(bundle_params(bundle)), NamedSharding(mesh, PartitionSpec()))
+    params = jax.device_put(tuple(bundle_params(bundle)), replicated)
+  if controls and not SampleParams(*params).controlnets:
+    params = SampleParams(*params)._replace(controlnets=jax.device_put(
+        tuple(c.params for c in controls), replicated))
+  control_scales = jax.device_put(control_scales, replicated) if controls else None
 
   num_batches = -(-n // b)
   outputs, pending = [], None
@@ -469,7 +506,11 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     args = [cond[rows], None if uncond is None else uncond[rows], latents, keys]
     args = [_put(a, parallel.batch_sharding(mesh, np.ndim(a))) if a is not None else None
             for a in args]
-    out = sample_fn(params, *args)  # asynchronous: the next batch is dispatched before this one is read
+    control = None
+    if controls:
+      control = (tuple(_put(image[rows], parallel.batch_sharding(mesh, 4))
+                       for image in control_images), control_scales)
+    out = sample_fn(params, *args, control)  # asynchronous: the next batch is dispatched before this one is read
     if pending is not None:
       collect(*pending)
     pending = (out, min(b, n - i * b), i)

@@ -5,6 +5,7 @@ from typing import Callable, Optional, Sequence
 
 from latent_diffusion_jax.artifacts import loader
 from latent_diffusion_jax.core import images as images_lib
+from latent_diffusion_jax.sampling import controlnet as control_lib
 from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
 from latent_diffusion_jax.core.errors import UserInputError
 
@@ -21,6 +22,7 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
                  num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
                  eta: float = 0.0, batch_size: Optional[int] = None,
                  height: Optional[int] = None, width: Optional[int] = None,
+                 controlnets: Sequence[control_lib.ControlSpec] = (), guess_mode: bool = False,
                  print_fn: Callable[[str], None] = print):
   """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
 
@@ -32,6 +34,9 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
       see `generate` (height and width default to the model's image_size; settings.json
       records the sizes used).
     num_images_per_prompt: images per prompt (different seeds of the per-image noise).
+    controlnets: ControlNets (any source `loader.load_controlnet` reads) with their control image
+      files and scales; each image must have the sampled size. settings.json records them.
+    guess_mode: see `generate`.
     print_fn: progress lines go here.
 
   Returns:
@@ -44,9 +49,18 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
     raise UserInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
   # Fail on bad settings before spending time on loading the model.
   _check_sampler_args(sampler, num_steps, eta)
+  if guess_mode and not controlnets:
+    raise UserInputError("guess_mode applies to ControlNets; none was given (--controlnet).")
   bundle = loader.load_bundle(source)
   source = bundle.metadata["source"]
   height, width = check_size(bundle, height, width)
+  controls, control_settings = [], []
+  for spec in controlnets:
+    net = loader.load_controlnet(spec.source, base_unet=bundle.unet)
+    image = control_lib.read_control_image(spec.image, net.module.conditioning_channels)
+    controls.append(control_lib.Control(net.module, net.params, image, spec.scale))
+    control_settings.append(dict(source=loader.as_source(spec.source).describe(),
+                                 image=spec.image, scale=spec.scale))
   all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
   print_fn(f"Sampling {len(all_prompts)} images of {height}x{width}px from {source} "
            f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
@@ -62,11 +76,14 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
 
   images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
                     num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    batch_size=batch_size, progress_fn=progress, height=height, width=width)
+                    batch_size=batch_size, progress_fn=progress, height=height, width=width,
+                    controlnets=controls, guess_mode=guess_mode)
   settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   eta=eta, negative_prompt=negative_prompt,
                   num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
                   image_size=bundle.image_size, height=height, width=width, source=source)
+  if controls:
+    settings.update(controlnets=control_settings, guess_mode=bool(guess_mode))
   saved = images_lib.save_images(images, out_dir, all_prompts, settings)
   print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
   return saved
