@@ -125,7 +125,7 @@ def test_two_steps_resume_and_sample(base_model, tmp_path):
   assert int(resumed["step"]) == 3 and read_run(workdir)[1] == 3
 
   from latent_diffusion_jax.data import control, shapes
-  from latent_diffusion_jax.sampling.controlnet import ControlNetInput
+  from latent_diffusion_jax.sampling.controlnet import Control
   from latent_diffusion_jax.sampling.generation import generate
   base_bundle = load_bundle(Source(base_path))
   module, params, _ = load_controlnet(workdir)
@@ -133,7 +133,7 @@ def test_two_steps_resume_and_sample(base_model, tmp_path):
   hint = control.hint_from_coverage(shapes.coverage(attrs, 16), "outline")[None]
   kw = dict(seed=0, num_steps=2, guidance_scale=3.0)
   with_control = generate(base_bundle, ["a red circle"], **kw,
-                          controlnets=[ControlNetInput(module, params, image=hint, scale=1.0)])
+                          controlnets=[Control(module, params, hint, 1.0)])
   without = generate(base_bundle, ["a red circle"], **kw)
   assert with_control.shape == without.shape == (1, 16, 16, 3)
   assert np.isfinite(with_control).all()

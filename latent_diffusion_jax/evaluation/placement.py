@@ -88,8 +88,8 @@ def evaluate(bundle, controlnet: Optional[Tuple[Any, Any]], *, kind: str = "outl
                                                 channels=channels, image_size=bundle.image_size)
   extra = {}
   if controlnet is not None:
-    from latent_diffusion_jax.sampling.controlnet import ControlNetInput
-    extra["controlnets"] = [ControlNetInput(*controlnet, image=hints, scale=control_scale)]
+    from latent_diffusion_jax.sampling.controlnet import Control
+    extra["controlnets"] = [Control(*controlnet, image=hints, scale=control_scale)]
   t0 = time.perf_counter()
   images = generate(bundle, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
                     sampler=sampler, batch_size=min(len(prompts), 64), **extra)
