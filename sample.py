@@ -9,8 +9,9 @@
 
 The model: --model (any source, detected) or one of --checkpoint, --diffusers, --single_file,
 --native, the same flags as the export command's. ControlNets: --controlnet, --control_image and
---control_scale, repeatable and paired in order (one scale serves all), and --guess_mode. Writes one PNG per image, grid.png and
-settings.json into --out; the logic lives in latent_diffusion_jax.sampling.run_sampling.
+--control_scale, repeatable and paired in order (one scale serves all), and --guess_mode. Writes
+one PNG per image, grid.png and settings.json into --out; the logic lives in
+latent_diffusion_jax.sampling.run_sampling.
 """
 
 from absl import app, flags

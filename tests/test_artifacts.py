@@ -135,7 +135,7 @@ def test_detect_kind_errors_name_the_path_and_what_is_accepted(tmp_path):
   assert missing in str(info.value) and isinstance(info.value, FileNotFoundError)
   unknown_config = tmp_path / "other"
   unknown_config.mkdir()
-  (unknown_config / "config.json").write_text(json.dumps({"_class_name": "ControlNetModel"}))
+  (unknown_config / "config.json").write_text(json.dumps({"_class_name": "UNet3DConditionModel"}))
   for path in (str(tmp_path / "empty"), str(unknown_config)):
     os.makedirs(path, exist_ok=True)
     with pytest.raises(UserInputError) as info:

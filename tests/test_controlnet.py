@@ -27,7 +27,8 @@ ATOL = 1e-4
 # layout's input_hint_block.14 conv_out), downsampling by 8: 4x4 latents, 32x32 control images.
 SD1 = dict(in_channels=4, layers_per_block=1, block_out_channels=(32, 64),
            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=24,
-           attention_head_dim=4, norm_num_groups=8, conditioning_embedding_out_channels=(4, 8, 8, 16))
+           attention_head_dim=4, norm_num_groups=8,
+           conditioning_embedding_out_channels=(4, 8, 8, 16))
 # SD 2.x-like: per-level heads, linear projections, upcast attention, depth-2 transformers, class
 # labels, two ResNets per level, BGR control images; a 2-width hint encoder (downsampling by 2).
 SD2 = dict(in_channels=4, layers_per_block=2, block_out_channels=(16, 32, 32),
@@ -237,3 +238,11 @@ def test_layout_mismatch_names_the_field(pair):
 def test_torch_keys_of_our_tree_are_diffusers_keys(pair):
   _, torch_cn, _, params = pair
   assert set(flax_to_torch(params)) == set(torch_cn.state_dict())
+
+
+def test_hint_channels_downsample_like_the_first_stage():
+  assert controlnet_lib.hint_channels(8) == (16, 32, 96, 256)
+  assert controlnet_lib.hint_channels(4) == (16, 32, 96)
+  assert controlnet_lib.hint_channels(1) == (16,)
+  with pytest.raises(UserInputError, match="downsampling by 3"):
+    controlnet_lib.hint_channels(3)

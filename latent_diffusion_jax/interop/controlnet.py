@@ -20,7 +20,8 @@ import numpy as np
 
 from latent_diffusion_jax.core.errors import InputFileError, MissingInputError, UserInputError
 from latent_diffusion_jax.interop import single_file_keys as keys
-from latent_diffusion_jax.interop.convert import flax_path_to_torch_key, flax_to_torch, torch_to_flax
+from latent_diffusion_jax.interop.convert import (flax_path_to_torch_key, flax_to_torch,
+                                                   torch_to_flax)
 from latent_diffusion_jax.interop.diffusers_config import (unet_from_diffusers_config,
                                                            unet_to_diffusers_config)
 from latent_diffusion_jax.interop.export_diffusers import (ExportError, cast_state_dict,
@@ -96,8 +97,8 @@ def load_controlnet_dir(directory: str, *, allow_pickle: bool = False,
     raise MissingInputError(f"No ControlNet directory at {directory!r}.")
   cfg = load_config(directory)
   if not is_controlnet_config(cfg):
-    raise UserInputError(f"{directory!r} holds a {cfg.get('_class_name', 'model without _class_name')}, "
-                         f"not a diffusers {CLASS_NAME}.")
+    held = cfg.get("_class_name", "model without _class_name")
+    raise UserInputError(f"{directory!r} holds a {held}, not a diffusers {CLASS_NAME}.")
   controlnet = controlnet_from_diffusers_config(cfg, **overrides)
   params = torch_to_flax(load_state_dict(directory, allow_pickle=allow_pickle),
                          controlnet_lib.abstract_params(controlnet),
@@ -158,7 +159,8 @@ def _torch_keys(abstract: Any):
 def _strip_prefix(state_dict: Dict[str, Any], path: str) -> Dict[str, Any]:
   if "time_embed.0.weight" in state_dict:
     return state_dict
-  out = {k[len(ORIGINAL_PREFIX):]: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX)}
+  out = {k[len(ORIGINAL_PREFIX):]: v for k, v in state_dict.items()
+         if k.startswith(ORIGINAL_PREFIX)}
   if "time_embed.0.weight" not in out:
     raise InputFileError(f"{path} is no original-layout ControlNet: it has neither "
                          f"'{ORIGINAL_PREFIX}time_embed.0.weight' nor 'time_embed.0.weight'.")
@@ -170,8 +172,8 @@ def _hint_widths(state_dict: Dict[str, Any], path: str) -> Tuple[int, Tuple[int,
   convs = sorted(int(k.split(".")[1]) for k in state_dict
                  if k.startswith("input_hint_block.") and k.endswith(".weight"))
   if len(convs) < 2 or len(convs) % 2:
-    raise InputFileError(f"{path}: input_hint_block has {len(convs)} convolutions; expected an even "
-                         "number (conv_in, two per width step, conv_out).")
+    raise InputFileError(f"{path}: input_hint_block has {len(convs)} convolutions; expected an "
+                         "even number (conv_in, two per width step, conv_out).")
   shapes = [np.shape(state_dict[f"input_hint_block.{i}.weight"]) for i in convs]
   widths = [shapes[0][0]] + [s[0] for s in shapes[2:-1:2]]
   return int(shapes[0][1]), tuple(int(w) for w in widths)

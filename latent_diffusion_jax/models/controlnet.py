@@ -16,7 +16,6 @@ at the pixel size whose latents are `sample`: the hint encoder downsamples by
 2 ** (len(conditioning_embedding_out_channels) - 1), 8 for Stable Diffusion.
 """
 
-import dataclasses
 from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -27,7 +26,7 @@ import numpy as np
 from latent_diffusion_jax.core.errors import UserInputError
 from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.unet import (UNet2DConditionModel, down_levels, embed_time,
-                                              heads_per_level, level_layout, mid_block)
+                                              level_layout, mid_block)
 
 Dtype = Any
 # The UNet fields a ControlNet copies (its encoder half's layout and runtime settings).
@@ -170,8 +169,10 @@ class ControlNetModel(nn.Module):
       cond = cond[..., ::-1]
 
     h = layers.conv(chans[0], name="conv_in", **kw)(sample.astype(self.dtype))
-    h = h + ControlNetConditioningEmbedding(chans[0], tuple(self.conditioning_embedding_out_channels),
-                                            name="controlnet_cond_embedding", **kw)(cond)
+    hint = ControlNetConditioningEmbedding(
+        chans[0], tuple(self.conditioning_embedding_out_channels),
+        name="controlnet_cond_embedding", **kw)
+    h = h + hint(cond)
     h, skips = down_levels(self, layout, h, temb, context, deterministic)
     h = mid_block(self, layout, h, temb, context, deterministic)
 
@@ -185,6 +186,17 @@ class ControlNetModel(nn.Module):
     scales = scales.astype(self.dtype)
     down = tuple(d * scales[i] for i, d in enumerate(down))
     return down, mid * scales[-1]
+
+
+def hint_channels(downsample_factor: int) -> Tuple[int, ...]:
+  """Hint encoder widths that downsample control images by `downsample_factor` (the first
+  stage's): Stable Diffusion's (16, 32, 96, 256) for 8, its first log2(factor) + 1 otherwise."""
+  steps = int(np.log2(downsample_factor))
+  if downsample_factor < 1 or 2 ** steps != downsample_factor or steps > 3:
+    raise UserInputError(f"No hint encoder widths for downsampling by {downsample_factor}; "
+                         "give conditioning_embedding_out_channels (one width per halving, plus "
+                         "the first).")
+  return (16, 32, 96, 256)[:steps + 1]
 
 
 def controlnet_like(unet: UNet2DConditionModel, **fields) -> ControlNetModel:
@@ -276,9 +288,3 @@ def controlnet_from_unet(unet: UNet2DConditionModel, unet_params: Any, rng: jax.
       if got != want:
         raise UserInputError(f"The UNet params' {name!r} do not have this UNet's shapes.")
   return controlnet, params
-
-
-def num_heads_per_level(controlnet: ControlNetModel) -> Tuple[int, ...]:
-  """Attention heads per level (for configs that store head counts)."""
-  return tuple(h for h, _ in heads_per_level(controlnet.block_out_channels, controlnet.num_heads,
-                                             controlnet.head_dim))

@@ -42,6 +42,7 @@ class Control(NamedTuple):
 
 def _as_float_images(image: Any, channels: int, what: str) -> np.ndarray:
   image = np.asarray(image)
+  shape = image.shape
   if image.dtype == np.uint8:
     image = image.astype(np.float32) / 255.0
   image = image.astype(np.float32)
@@ -50,14 +51,21 @@ def _as_float_images(image: Any, channels: int, what: str) -> np.ndarray:
   if image.ndim == 3:
     image = image[None]
   if image.ndim != 4 or image.shape[-1] != channels:
-    raise UserInputError(f"{what} has shape {image.shape}; expected [H, W, {channels}] or "
+    raise UserInputError(f"{what} has shape {shape}; expected [H, W, {channels}] or "
                          f"[N, H, W, {channels}] (the ControlNet takes {channels} channels).")
   return image
 
 
 def prepare(controls: Sequence[Control], unet: Any, num_images: int, height: int,
-            width: int) -> Tuple[List[np.ndarray], np.ndarray]:
+            width: int, downsample_factor: Optional[int] = None
+            ) -> Tuple[List[np.ndarray], np.ndarray]:
   """Checks the ControlNets against the base UNet and the images against the sampled size.
+
+  Args:
+    controls: the ControlNets with their images and scales.
+    unet: the base UNet.
+    num_images, height, width: the images sampled.
+    downsample_factor: the first stage's; each hint encoder must downsample as much.
 
   Returns:
     (one float32 [num_images, height, width, C] array per ControlNet, float32 scales [K]).
@@ -70,6 +78,13 @@ def prepare(controls: Sequence[Control], unet: Any, num_images: int, height: int
   for i, control in enumerate(controls):
     what = f"Control image {i + 1}"
     check_matches_unet(control.controlnet, unet, what=f"ControlNet {i + 1}")
+    hint = control.controlnet.hint_downsampling
+    if downsample_factor is not None and hint != downsample_factor:
+      raise UserInputError(
+          f"ControlNet {i + 1} does not fit the base model: its hint encoder "
+          f"(conditioning_embedding_out_channels "
+          f"{tuple(control.controlnet.conditioning_embedding_out_channels)}) downsamples control "
+          f"images by {hint}, the first stage by {downsample_factor}.")
     image = _as_float_images(control.image, control.controlnet.conditioning_channels, what)
     if image.shape[1:3] != (height, width):
       raise UserInputError(

@@ -431,7 +431,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     progress_fn: called as progress_fn(batches_done, num_batches, images_in_batch) after each
       batch's images reach the host.
     params: `SampleParams` already placed on `mesh` (e.g. a train state's sharded params), used
-      as they are instead of the bundle's, which are then not read; no host copy is made.
+      as they are instead of the bundle's, which are then not read; no host copy is made. With
+      ControlNets, their params come from its `controlnets` field when set (e.g. a ControlNet
+      train state's), else from the `Control`s.
     height, width: image size in pixels, each a multiple of `total_downsampling(bundle)`
       (default: `bundle.image_size`).
     first_index: the index of the first prompt's image: prompt k starts from
@@ -461,7 +463,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   shape = latent_shape(bundle, height, width)  # bad sizes fail before anything compiles
   controls = list(controlnets)
   control_images, control_scales = control_lib.prepare(
-      controls, bundle.unet, n, *check_size(bundle, height, width))
+      controls, bundle.unet, n, *check_size(bundle, height, width), bundle.vae.downsample_factor)
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
                              guidance_scale=guidance_scale, eta=eta,
                              controlnets=tuple(c.controlnet for c in controls),

@@ -63,7 +63,9 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
                                  image=spec.image, scale=spec.scale))
   all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
   print_fn(f"Sampling {len(all_prompts)} images of {height}x{width}px from {source} "
-           f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
+           f"({sampler}, {num_steps} steps, guidance {guidance_scale}"
+           + (f", {len(controls)} ControlNet(s){', guess mode' if guess_mode else ''}"
+              if controls else "") + ").")
 
   clock = {"last": time.perf_counter()}
 
