@@ -97,7 +97,8 @@ def test_held_out_layouts_put_position_only_in_the_control_map():
   for hint, a in zip(hints, attrs):
     assert (a["color"], a["shape"], a["position"]) in shapes.HELD_OUT_COMBINATIONS
     ys, xs = np.nonzero(hint[..., 0])
-    assert shapes.POSITIONS[2 * int(ys.mean() + 0.5 >= 16) + int(xs.mean() + 0.5 >= 16)] == a["position"]
+    cell = 2 * int(ys.mean() + 0.5 >= 16) + int(xs.mean() + 0.5 >= 16)
+    assert shapes.POSITIONS[cell] == a["position"]
   # Two layouts of one combination differ in geometry.
   assert not np.array_equal(hints[0], hints[1])
 

@@ -34,7 +34,8 @@ def held_out_layouts(layouts_per_combination: int, *, kind: str = "outline", cha
   placement from training.
   """
   if layouts_per_combination <= 0:
-    raise UserInputError(f"layouts_per_combination must be positive, got {layouts_per_combination}.")
+    raise UserInputError(
+        f"layouts_per_combination must be positive, got {layouts_per_combination}.")
   prompts, hints, attributes = [], [], []
   index = 0
   for color, shape, position in shapes.combinations("test"):

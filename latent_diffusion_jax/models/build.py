@@ -35,11 +35,12 @@ def build_unet(model_cfg: mc.ConfigDict) -> UNet2DConditionModel:
 
 
 def build_controlnet(model_cfg: mc.ConfigDict) -> nn.Module:
-  """The ControlNet for the UNet `model_cfg.unet` describes, with the `model.controlnet` hint encoder."""
+  """The ControlNet of the UNet `model_cfg.unet` describes, with the model.controlnet hint encoder."""
   from latent_diffusion_jax.models.controlnet import controlnet_like
   cn = model_cfg.controlnet
-  return controlnet_like(build_unet(model_cfg), conditioning_channels=cn.conditioning_channels,
-                         conditioning_embedding_out_channels=tuple(cn.conditioning_embedding_out_channels))
+  return controlnet_like(
+      build_unet(model_cfg), conditioning_channels=cn.conditioning_channels,
+      conditioning_embedding_out_channels=tuple(cn.conditioning_embedding_out_channels))
 
 
 def build_vae(model_cfg: mc.ConfigDict) -> AutoencoderKL:

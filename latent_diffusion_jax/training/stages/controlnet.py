@@ -30,7 +30,8 @@ from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.errors import MissingInputError, UserInputError
 from latent_diffusion_jax.data.batches import make_batches
 from latent_diffusion_jax.models import build
-from latent_diffusion_jax.models.controlnet import controlnet_from_unet, example_inputs
+from latent_diffusion_jax.models.controlnet import (controlnet_from_unet, example_inputs,
+                                                    hint_channels)
 from latent_diffusion_jax.training import foreign_init, startup
 from latent_diffusion_jax.training.controlnet_step import ControlNetTask, make_train_step
 from latent_diffusion_jax.training.diffusion_step import empty_prompt_ids, init_train_state
@@ -43,9 +44,9 @@ def load_base(config: mc.ConfigDict):
   config: its UNet must be the one `model.unet` describes (the ControlNet copies it)."""
   path = config.training.base_checkpoint
   if not path:
-    raise UserInputError("stage='controlnet' needs training.base_checkpoint: the text-to-image model "
-                         "the ControlNet is trained on (a stage-2 workdir, a diffusers pipeline, a "
-                         "single file or a native export).")
+    raise UserInputError("stage='controlnet' needs training.base_checkpoint: the text-to-image "
+                         "model the ControlNet is trained on (a stage-2 workdir, a diffusers "
+                         "pipeline, a single file or a native export).")
   if not os.path.exists(path):
     raise MissingInputError(f"training.base_checkpoint={path!r} does not exist; give the base "
                             "model (a stage-2 workdir, a diffusers pipeline, a single file or a "
@@ -79,8 +80,9 @@ def _check_control(config: mc.ConfigDict, vae) -> None:
     raise UserInputError(
         f"model.controlnet.conditioning_embedding_out_channels="
         f"{tuple(config.model.controlnet.conditioning_embedding_out_channels)} downsamples control "
-        f"images {factor}x, but the first stage's latents are {vae.downsample_factor}x smaller than "
-        f"the images: give {len(bin(vae.downsample_factor)) - 2} entries.")
+        f"images {factor}x, but the first stage's latents are {vae.downsample_factor}x smaller "
+        f"than the images: give {len(bin(vae.downsample_factor)) - 2} entries, e.g. "
+        f"{hint_channels(vae.downsample_factor)}.")
 
 
 def build_init_fn(config: mc.ConfigDict, controlnet, unet, unet_params, tx):
@@ -127,7 +129,7 @@ def place_frozen(base, max_length: int, mesh, rules) -> Dict[str, Any]:
 
 
 class ControlNetStage(Stage):
-  """The driver's ControlNet stage: base UNet, VAE and text encoder frozen, the ControlNet trained."""
+  """The driver's ControlNet stage: base UNet, VAE and text encoder frozen, ControlNet trained."""
   kind = CONTROLNET_KIND
 
   def __init__(self, config, workdir, mesh, global_batch):
@@ -157,15 +159,17 @@ class ControlNetStage(Stage):
 
   def data(self):
     return make_batches(self.config, self.workdir, self.global_batch, self.mesh,
-                        tokenizer=self.tokenizer, vae=self.base.vae, vae_params=self.base.vae_params,
+                        tokenizer=self.tokenizer, vae=self.base.vae,
+                        vae_params=self.base.vae_params,
                         log_indices=True)
 
   def start(self, meta, writer) -> Plan:
     del writer
     config, base = self.config, self.base
-    if meta is not None and meta.get("base_checkpoint") not in (None, config.training.base_checkpoint):
+    trained_on = meta.get("base_checkpoint") if meta is not None else None
+    if trained_on not in (None, config.training.base_checkpoint):
       logging.warning("Resuming a ControlNet trained on %s with training.base_checkpoint=%s.",
-                      meta.get("base_checkpoint"), config.training.base_checkpoint)
+                      trained_on, config.training.base_checkpoint)
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
     max_length = config.model.text_encoder.max_length
     frozen = place_frozen(base, max_length, self.mesh, rules)
