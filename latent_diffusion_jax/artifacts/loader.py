@@ -19,8 +19,8 @@ Kinds of source (`detect_kind`):
 
 ControlNets load through `load_controlnet` (not a bundle network: one base model takes any
 number of them): a diffusers `ControlNetModel` directory (a diffusers_model source), a diffusers
-ControlNet pipeline directory's `controlnet/`, or an original-layout single file, whose layout is
-the base UNet's.
+ControlNet pipeline directory's `controlnet/`, an original-layout single file, whose layout is
+the base UNet's, or a ControlNet training workdir of ours (training stage "controlnet").
 
 Pickle files are refused unless `allow_pickle` (unpickling runs code from the file).
 """
@@ -270,7 +270,8 @@ def pipeline_parts(path: str, names: Sequence[str]) -> Dict[str, str]:
 def load_controlnet(source: "Source | str", *, base_unet: Optional[nn.Module] = None,
                     dtype: Any = None, attention_impl: Optional[str] = None) -> Network:
   """A ControlNet and its host params, from a diffusers `ControlNetModel` directory, the
-  `controlnet/` of a diffusers ControlNet pipeline directory, or an original-layout single file.
+  `controlnet/` of a diffusers ControlNet pipeline directory, an original-layout single file, or
+  a ControlNet training workdir (`step` and `ema` choose the params).
 
   Args:
     source: a `Source`, or a path whose kind is detected.
@@ -290,7 +291,9 @@ def load_controlnet(source: "Source | str", *, base_unet: Optional[nn.Module] = 
   overrides = {k: v for k, v in (("dtype", dtype), ("attention_impl", attention_impl))
                if v is not None}
   path = source.path
-  if source.kind == "single_file":
+  if source.kind == "workdir":  # a ControlNet training run of ours (stage "controlnet")
+    module, params, _ = workdir_lib.load_controlnet(path, source.step, source.ema, **overrides)
+  elif source.kind == "single_file":
     module, params = interop.load_controlnet_single_file(path, base_unet,
                                                          allow_pickle=source.allow_pickle,
                                                          **overrides)
@@ -305,7 +308,8 @@ def load_controlnet(source: "Source | str", *, base_unet: Optional[nn.Module] = 
   else:
     raise UserInputError(
         f"{path!r} is a {source.kind} source; ControlNets load from a diffusers ControlNetModel "
-        "directory, a diffusers ControlNet pipeline (controlnet/) or an original-layout file.")
+        "directory, a diffusers ControlNet pipeline (controlnet/), an original-layout file or a "
+        "ControlNet training workdir.")
   if base_unet is not None:
     check_matches_unet(module, base_unet, what=f"The ControlNet {path!r}")
   return Network(module, params)

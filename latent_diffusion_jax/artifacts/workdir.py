@@ -26,6 +26,7 @@ from latent_diffusion_jax.core.errors import UserInputError, MissingInputError
 # The `kind` a trainer writes into each checkpoint's metadata.
 AUTOENCODER_KIND = "autoencoder"
 DIFFUSION_KIND = "latent_diffusion"
+CONTROLNET_KIND = "controlnet"
 # Written by the stage-1 trainer beside its checkpoints: held-out metrics and the latent scale.
 STAGE1_SUMMARY = "stage1.json"
 
@@ -103,6 +104,11 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
   The first stage is rebuilt from the run's config: `autoencoder.kind` ("kl", or "vq" with the
   codebook keys) and `model.vae`, which the trainer checked against the frozen network."""
   ckpt, step, config, meta = read_run(workdir, step)
+  if meta.get("kind") == CONTROLNET_KIND:
+    base = meta.get("base_checkpoint", config.training.base_checkpoint)
+    raise UserInputError(f"{workdir} is a ControlNet run; sample its base model with the "
+                         f"ControlNet: --checkpoint {base} --controlnet {workdir} "
+                         "--control_image IMAGE.")
   _check_kind(meta, workdir, DIFFUSION_KIND)
   config = _overridden(config, dtype, attention_impl)
   te = config.model.text_encoder
@@ -139,3 +145,29 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
                 "version": meta.get("version", "")},
       conditioner=conditioner,
       conditioner_params=params.get(conditioner.param_key) if with_conditioner else None)
+
+
+def load_controlnet(workdir: str, step: Optional[int] = None, use_ema: bool = True, *,
+                    dtype: Optional[Any] = None, attention_impl: Optional[str] = None
+                    ) -> Tuple[nn.Module, Any, dict]:
+  """(ControlNet module, params, info) of a ControlNet run (training stage "controlnet").
+
+  Only the ControlNet is stored; `info` names the base model it was trained on
+  ("base_checkpoint", as the run's config gave it) beside "latent_scale_factor", "step",
+  "config" (JSON) and "version", so a sampler can pair them again.
+  """
+  from latent_diffusion_jax.models.controlnet import abstract_params
+  ckpt, step, config, meta = read_run(workdir, step)
+  _check_kind(meta, workdir, CONTROLNET_KIND)
+  config = _overridden(config, dtype, attention_impl)
+  module = build.build_controlnet(config.model)
+  tree = "ema_params" if use_ema and config.optimizer.ema_decay > 0 else "params"
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = parallel.unbox(abstract_params(module))
+  target = {tree: {"controlnet": jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), abstract)}}
+  params = jax.device_get(ckpt.restore_subtree(step, target)[tree]["controlnet"])
+  info = {"base_checkpoint": meta.get("base_checkpoint", config.training.base_checkpoint),
+          "latent_scale_factor": float(meta["latent_scale_factor"]), "step": step,
+          "ema": tree == "ema_params", "config": meta["config"], "version": meta.get("version", "")}
+  return module, params, info

@@ -112,6 +112,14 @@ def base_config() -> mc.ConfigDict:
   # "precomputed": the stored embeddings' width and sequence length.
   c.model.conditioner.precomputed = mc.ConfigDict(dict(width=768, length=77))
 
+  # ControlNet (models/controlnet.py; stage "controlnet"): a trainable copy of the base UNet's
+  # encoder fed a control image. Control image channels, and the hint encoder's channels: each
+  # entry after the first halves the resolution, so 2**(len-1) must be the first stage's factor
+  # (diffusers' default (16, 32, 96, 256) for SD's f8). Scale of its residuals in training.
+  c.model.controlnet = mc.ConfigDict(dict(
+      conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256),
+      conditioning_scale=1.0))
+
   c.diffusion = mc.ConfigDict()
   # Noise schedule: "linear", "scaled_linear" (SD) or "cosine".
   c.diffusion.schedule = "scaled_linear"
@@ -206,6 +214,12 @@ def base_config() -> mc.ConfigDict:
   # Where training starts when the workdir has no checkpoint: "" (scratch), another workdir, or
   # foreign weights to fine-tune (diffusers directory, single file, native export; docs/PYTORCH.md).
   c.training.init_checkpoint = ""
+  # Stage "controlnet": the frozen base model the ControlNet is trained on and copied from (a
+  # stage-2 workdir, diffusers pipeline, single file or native export); its UNet layout must be
+  # model.unet's. And the share of empty prompts (the ControlNet paper: half), so the control
+  # image alone must carry the layout.
+  c.training.base_checkpoint = ""
+  c.training.control_caption_dropout = 0.5
   # What a non-finite loss or gradient does: "halt" (stop, keeping the last good checkpoint) or
   # "skip" (drop the update and count it).
   c.training.nonfinite_policy = "halt"
@@ -256,6 +270,13 @@ def base_config() -> mc.ConfigDict:
   c.data.num_test = 512
   # Where TFDS datasets are prepared; "" means <workdir>/tfds.
   c.data.data_dir = ""
+  # ControlNet control images (batch field "control", float [B, H, W, C] in [0, 1]): shapes data
+  # computes a hint from each shape, "outline" or "segmentation" (data/control.py; "" none);
+  # webdataset reads a member of each sample (e.g. "control.png"), resized and cropped like the image.
+  c.data.control = ""
+  c.data.control_member = ""
+  # Shapes captions without the position phrase ("a red circle"): the control map gives it.
+  c.data.drop_position_words = False
   # Stage 2: encode the dataset once with the frozen VAE and train on the stored moments, instead
   # of running the encoder in every step.
   c.data.pre_encode = True

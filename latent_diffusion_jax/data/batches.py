@@ -27,8 +27,9 @@ DATA_KINDS = ("shapes", "latent_shards", "webdataset")
 
 def load_shapes_split(config: mc.ConfigDict, workdir: str, tokenizer, split: str
                       ) -> Dict[str, np.ndarray]:
-  """{"images"[, "input_ids"]} of a split of the embedded dataset, generated into `data.data_dir`
-  (default `<workdir>/tfds`) on first use; token ids when a tokenizer is given."""
+  """{"images"[, "input_ids"][, "control"]} of a split of the embedded dataset, generated into
+  `data.data_dir` (default `<workdir>/tfds`) on first use; token ids when a tokenizer is given
+  (without position words with `data.drop_position_words`), the `data.control` hint when set."""
   from latent_diffusion_jax.data import shapes_source
   from latent_diffusion_jax.data.tokenizers import tokenize
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
@@ -36,8 +37,16 @@ def load_shapes_split(config: mc.ConfigDict, workdir: str, tokenizer, split: str
                                     num_test=config.data.num_test, image_size=config.model.image_size,
                                     seed=config.seed)
   out = {"images": arrays["images"]}
+  captions = list(arrays["captions"])
+  if config.data.get("control") or config.data.get("drop_position_words"):
+    from latent_diffusion_jax.data import control
+    if config.data.control:
+      out["control"] = control.control_hint(
+          arrays["images"], config.data.control, config.model.controlnet.conditioning_channels)
+    if config.data.drop_position_words:
+      captions = control.drop_position(captions)
   if tokenizer is not None:
-    out["input_ids"] = tokenize(tokenizer, list(arrays["captions"]), config.model.text_encoder.max_length)
+    out["input_ids"] = tokenize(tokenizer, captions, config.model.text_encoder.max_length)
   return out
 
 

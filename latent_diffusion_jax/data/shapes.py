@@ -115,15 +115,10 @@ def caption(attributes: Dict[str, Any], include_size: bool = False) -> str:
   return f"a {size}{attributes['color']} {attributes['shape']} in the {attributes['position']}"
 
 
-def render(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
-  """Draws the shape described by `attributes` with anti-aliased edges.
+def coverage(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
+  """The share of each pixel the shape of `attributes` covers: float [image_size, image_size].
 
-  Args:
-    attributes: as returned by `sample_attributes`.
-    image_size: side of the square image in pixels, at least 16.
-
-  Returns:
-    uint8 array [image_size, image_size, 3].
+  The geometry `render` colors; control maps (data/control.py) threshold it.
   """
   if image_size < _MIN_IMAGE_SIZE:
     raise UserInputError(f"image_size must be at least {_MIN_IMAGE_SIZE}, got {image_size}")
@@ -147,11 +142,23 @@ def render(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
     inside = (depth >= 0) & (depth <= 2 * half) & (np.abs(x - center_x) <= depth / 2)
   else:
     raise UserInputError(f"Unknown shape {shape!r}; expected one of {SHAPES}")
-  coverage = inside.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE).mean(axis=(1, 3))
+  return inside.reshape(image_size, _SUPERSAMPLE, image_size, _SUPERSAMPLE).mean(axis=(1, 3))
 
+
+def render(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
+  """Draws the shape described by `attributes` with anti-aliased edges.
+
+  Args:
+    attributes: as returned by `sample_attributes`.
+    image_size: side of the square image in pixels, at least 16.
+
+  Returns:
+    uint8 array [image_size, image_size, 3].
+  """
+  covered = coverage(attributes, image_size)
   background = np.asarray(BACKGROUND, np.float32)
   color = np.asarray(COLORS[attributes["color"]], np.float32)
-  image = background + coverage[..., None] * (color - background)
+  image = background + covered[..., None] * (color - background)
   return np.round(image).astype(np.uint8)
 
 

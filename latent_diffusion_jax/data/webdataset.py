@@ -12,6 +12,7 @@ skip reason. Shard-level failures become one record each, since the samples they
 Sample-level reasons (checked in this order; image reasons are in image_decode.py):
   missing_image      no image member.
   missing_caption    no .txt member (only when captions are required: a text-conditioned model).
+  missing_control    no control image member (only with `control_member`, ControlNet training).
   empty_caption      a caption that is empty after stripping whitespace (likewise).
   missing_metadata   an enabled metadata filter needs a field that the json lacks (a missing or
                      unparsable json counts as unknown metadata: kept unless a filter needs it).
@@ -119,6 +120,8 @@ class Preprocessing:
   min_similarity: float = 0.0
   # Aspect-ratio buckets, (height, width) each (data.buckets); empty: `resolution` squares.
   buckets: Tuple[Tuple[int, int], ...] = ()
+  # A member decoded and cropped like the image, e.g. "control.png" (data.control_member); "" none.
+  control_member: str = ""
 
   @classmethod
   def from_config(cls, config) -> "Preprocessing":
@@ -128,7 +131,8 @@ class Preprocessing:
                min_image_size=e.min_image_size, max_aspect_ratio=e.max_aspect_ratio,
                max_watermark=e.max_watermark, max_unsafe=e.max_unsafe,
                min_similarity=e.min_similarity,
-               buckets=buckets_lib.parse_buckets(config.data.get("buckets", ())))
+               buckets=buckets_lib.parse_buckets(config.data.get("buckets", ())),
+               control_member=config.data.get("control_member", ""))
 
   @property
   def canvas(self) -> Tuple[int, int]:
@@ -141,6 +145,8 @@ class Preprocessing:
   def describe(self) -> dict:
     """The settings an encode job records; without buckets exactly the keys it always had."""
     out = dataclasses.asdict(self)
+    if not self.control_member:
+      out.pop("control_member")
     if not self.buckets:
       out.pop("buckets")
     else:
@@ -187,6 +193,8 @@ def check_sample(key: str, files: Dict[str, bytes],
     return "missing_caption", "", b"", "", (0, 0)
   if prep.require_caption and not caption:
     return "empty_caption", "", b"", "", (0, 0)
+  if prep.control_member and prep.control_member.lower() not in files:
+    return "missing_control", f"members {sorted(files)}", b"", "", (0, 0)
   meta = {}
   if "json" in files:
     try:
@@ -206,22 +214,24 @@ _RECORD_SIGNATURE = {
     "shard": tf.TensorSpec([], tf.int32), "key": tf.TensorSpec([], tf.string),
     "status": tf.TensorSpec([], tf.string), "detail": tf.TensorSpec([], tf.string),
     "image": tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string),
-    "original_size": tf.TensorSpec([2], tf.int32),
+    "original_size": tf.TensorSpec([2], tf.int32), "control": tf.TensorSpec([], tf.string),
 }
 
 
 def _shard_records(path: bytes, index: int, prep: Preprocessing):
   path = path.decode("utf-8")
+  control_ext = prep.control_member.lower()
   for key, files, error in iter_tar_samples(path):
     try:
       status, detail, image, caption, original = (
           (error, "", b"", "", (0, 0)) if error else check_sample(key, files, prep))
     except Exception as e:  # a bug-shaped input must not stop the job
       status, detail, image, caption, original = "invalid_sample", repr(e), b"", "", (0, 0)
+    control = files.get(control_ext, b"") if control_ext and not status else b""
     yield {"shard": index, "key": key, "status": status, "detail": detail, "image": image,
-           "caption": caption, "original_size": np.asarray(original, np.int32)}
+           "caption": caption, "original_size": np.asarray(original, np.int32), "control": control}
   yield {"shard": index, "key": path, "status": SHARD_END, "detail": "", "image": b"",
-         "caption": "", "original_size": np.zeros(2, np.int32)}
+         "caption": "", "original_size": np.zeros(2, np.int32), "control": b""}
 
 
 def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: int = 8,
@@ -235,7 +245,8 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
     A dataset of dicts: shard (index into `files`), key, status, detail, caption, pixels
     (uint8 [R, R, 3]; zeros unless kept; with buckets the `prep.canvas`, the crop at its top
     left), bucket (int32; -1 without buckets or when skipped), original_size and crop_offset
-    (int32 [2]).
+    (int32 [2]); with `prep.control_member` also control (uint8 like pixels: the member resized
+    and cropped as the image).
   """
   if not files:
     raise UserInputError("No shards to read.")
@@ -250,41 +261,55 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
                 deterministic=True)
 
 
-def _decode_py(status, image, key, original, prep: Preprocessing):
+def _decode_control(data: bytes, key: str, prep: Preprocessing) -> np.ndarray:
+  """The control member resized and cropped as the image of the same sample: the same square
+  crop of the short-side-resized picture (its key seeds a random crop the same way), so a
+  control image of the image's size lines up pixel for pixel."""
+  return preprocess_image(data, resolution=prep.resolution, key=key, crop=prep.crop,
+                          seed=prep.seed).pixels
+
+
+def _decode_py(status, image, key, original, control, prep: Preprocessing):
   blank = np.zeros((*prep.canvas, 3), np.uint8)
   none = np.int32(-1)
   if status:
-    return status, b"", blank, original, np.zeros(2, np.int32), none
+    return status, b"", blank, original, np.zeros(2, np.int32), none, blank
+  key = key.decode("utf-8", "replace")
   try:
-    out = preprocess_image(image, resolution=prep.resolution, key=key.decode("utf-8", "replace"),
+    out = preprocess_image(image, resolution=prep.resolution, key=key,
                            crop=prep.crop, seed=prep.seed, min_size=prep.min_image_size,
                            max_aspect_ratio=prep.max_aspect_ratio,
                            original_size=tuple(original) if original.all() else None,
                            buckets=prep.buckets)
+    hint = _decode_control(control, key, prep) if prep.control_member else blank
   except SkipSample as e:
-    return e.reason.encode(), e.detail.encode(), blank, original, np.zeros(2, np.int32), none
+    return e.reason.encode(), e.detail.encode(), blank, original, np.zeros(2, np.int32), none, blank
   except Exception as e:  # whatever PIL raises past its documented errors
-    return b"corrupt_image", repr(e).encode(), blank, original, np.zeros(2, np.int32), none
+    return (b"corrupt_image", repr(e).encode(), blank, original, np.zeros(2, np.int32), none,
+            blank)
   pixels = out.pixels
   if prep.buckets:  # one shape for tf.data: the crop at the canvas's top left
     blank[:pixels.shape[0], :pixels.shape[1]] = pixels
     pixels = blank
   return (b"", b"", pixels, np.asarray(out.original_size, np.int32),
-          np.asarray(out.crop_offset, np.int32), np.int32(out.bucket))
+          np.asarray(out.crop_offset, np.int32), np.int32(out.bucket), hint)
 
 
 def _decode_record(record, prep: Preprocessing):
-  status, detail, pixels, original, crop, bucket = tf.numpy_function(
+  status, detail, pixels, original, crop, bucket, control = tf.numpy_function(
       functools.partial(_decode_py, prep=prep),
-      [record["status"], record["image"], record["key"], record["original_size"]],
-      [tf.string, tf.string, tf.uint8, tf.int32, tf.int32, tf.int32], stateful=False)
-  out = {k: v for k, v in record.items() if k != "image"}
+      [record["status"], record["image"], record["key"], record["original_size"],
+       record["control"]],
+      [tf.string, tf.string, tf.uint8, tf.int32, tf.int32, tf.int32, tf.uint8], stateful=False)
+  out = {k: v for k, v in record.items() if k not in ("image", "control")}
   out["detail"] = tf.where(tf.strings.length(detail) > 0, detail, record["detail"])
   out["status"] = tf.ensure_shape(status, [])
   out["pixels"] = tf.ensure_shape(pixels, [*prep.canvas, 3])
   out["bucket"] = tf.ensure_shape(bucket, [])
   out["original_size"] = tf.ensure_shape(original, [2])
   out["crop_offset"] = tf.ensure_shape(crop, [2])
+  if prep.control_member:
+    out["control"] = tf.ensure_shape(control, [*prep.canvas, 3])
   return out
 
 
@@ -323,7 +348,8 @@ def training_dataset(files: Sequence[str], prep: Preprocessing, *, local_batch: 
   """
   ds = read_samples(files, prep, parallel_shards=parallel_shards)
   ds = ds.filter(lambda r: tf.strings.length(r["status"]) == 0)
-  ds = ds.map(lambda r: {"pixels": r["pixels"], "caption": r["caption"]})
+  fields = ("pixels", "caption", "control") if prep.control_member else ("pixels", "caption")
+  ds = ds.map(lambda r: {k: r[k] for k in fields})
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.skip(start_batch * local_batch)
   return ds.batch(local_batch, drop_remainder=True)
@@ -338,7 +364,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
   (stage 2) and required only then.
 
   Returns:
-    A `shard_reading.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}.
+    A `shard_reading.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}, plus
+    "control" (float32 [B, S, S, 3] in [0, 1]) with `data.control_member`.
   """
   if not config.data.webdataset:
     raise UserInputError("data.kind='webdataset' needs data.webdataset: tar shards as a path, glob or "
@@ -358,6 +385,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
 
   def postprocess(batch: dict) -> dict:
     out = {"images": batch["pixels"]}
+    if "control" in batch:  # diffusers' control images: float in [0, 1]
+      out["control"] = batch["control"].astype(np.float32) / 255.0
     if tokenizer is not None:
       captions = [c.decode("utf-8") for c in batch["caption"]]
       out["input_ids"] = tokenize_captions(tokenizer, captions, max_length)[0]

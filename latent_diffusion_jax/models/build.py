@@ -41,6 +41,15 @@ def build_unet(model_cfg: mc.ConfigDict) -> UNet2DConditionModel:
   return UNet2DConditionModel(**fields, **_common(model_cfg))
 
 
+def build_controlnet(model_cfg: mc.ConfigDict) -> nn.Module:
+  """The ControlNet of the UNet `model_cfg.unet` describes, with the model.controlnet hint encoder."""
+  from latent_diffusion_jax.models.controlnet import controlnet_like
+  cn = model_cfg.controlnet
+  return controlnet_like(
+      build_unet(model_cfg), conditioning_channels=cn.conditioning_channels,
+      conditioning_embedding_out_channels=tuple(cn.conditioning_embedding_out_channels))
+
+
 def build_vae(model_cfg: mc.ConfigDict) -> AutoencoderKL:
   return AutoencoderKL(**_fields(model_cfg.vae), **_common(model_cfg))
 

@@ -1,0 +1,100 @@
+"""The ControlNet train step: a pure function (state, batch, frozen, scale) -> (state, metrics).
+
+Only the ControlNet is trained (`state.params["controlnet"]`). The base UNet, the first stage and
+the text encoder arrive in `frozen` as step arguments, placed on the mesh like the trained params
+and never in the optimizer state. The ControlNet sees the noisy latents, the timestep, the text
+context and the batch's "control" image (float [B, H, W, C] in [0, 1]); its residuals join the
+frozen UNet's skip connections and middle block, and the UNet's usual diffusion loss trains it.
+Prompts are replaced by the empty one at `caption_dropout` (the ControlNet paper: 50%), so the
+control image alone must carry the layout.
+"""
+
+import dataclasses
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from latent_diffusion_jax.diffusion import objectives, schedules
+from latent_diffusion_jax.training.diffusion_step import encode_latents
+from latent_diffusion_jax.training.state import TrainState
+from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlNetTask:
+  """The static pieces a ControlNet train step closes over."""
+  controlnet: nn.Module
+  unet: nn.Module
+  vae: nn.Module
+  text_encoder: Optional[nn.Module]
+  schedule: schedules.NoiseSchedule
+  prediction_type: str
+  caption_dropout: float = 0.5
+  conditioning_scale: float = 1.0
+  num_buckets: int = 10
+
+
+def _context(task: ControlNetTask, frozen: Any, batch: Dict[str, jnp.ndarray],
+             rng: jax.Array) -> jnp.ndarray:
+  """Frozen text context, the empty prompt's at `caption_dropout`; zeros without a text encoder."""
+  if task.text_encoder is None or "input_ids" not in batch:
+    b = batch["control"].shape[0]
+    return jnp.zeros((b, 1, task.unet.cross_attention_dim), jnp.float32)
+  ids = batch["input_ids"]
+  if task.caption_dropout > 0:
+    drop = jax.random.bernoulli(rng, task.caption_dropout, (ids.shape[0], 1))
+    ids = jnp.where(drop, frozen["uncond_ids"][None], ids)
+  out = task.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
+  return jax.lax.stop_gradient(out.context)
+
+
+def controlled_prediction(task: ControlNetTask, controlnet_params: Any, unet_params: Any,
+                          x_t: jnp.ndarray, t: jnp.ndarray, ctx: jnp.ndarray,
+                          control: jnp.ndarray, *, deterministic: bool = True,
+                          rngs: Optional[dict] = None) -> jnp.ndarray:
+  """The frozen UNet's prediction with the ControlNet's residuals added."""
+  down, mid = task.controlnet.apply(
+      {"params": controlnet_params}, x_t, t, ctx, control.astype(x_t.dtype),
+      task.conditioning_scale, deterministic=deterministic, rngs=rngs)
+  return task.unet.apply({"params": unet_params}, x_t, t, ctx, None, True, down, mid)
+
+
+def _loss_fn(task: ControlNetTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
+             rng: jax.Array, scale_factor: jnp.ndarray):
+  r_lat, r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 5)
+  z = encode_latents(task, frozen["vae"], batch, r_lat) * scale_factor
+  ctx = _context(task, frozen, batch, r_drop)
+  b = z.shape[0]
+  t = jax.random.randint(r_t, (b,), 0, task.schedule.num_timesteps)
+  noise = jax.random.normal(r_noise, z.shape, z.dtype)
+  x_t = schedules.add_noise(task.schedule, z, noise, t)
+  unet_params = jax.lax.stop_gradient(frozen["unet"])
+  out = controlled_prediction(task, params["controlnet"], unet_params, x_t, t, ctx,
+                              batch["control"], deterministic=False, rngs={"dropout": r_dropout})
+  target = objectives.prediction_target(task.prediction_type, task.schedule, z, noise, t)
+  per_example = objectives.diffusion_loss(out.astype(jnp.float32), target, jnp.ones((b,)))
+  return per_example.mean(), (per_example, t)
+
+
+def make_train_step(task: ControlNetTask, tx: optax.GradientTransformation,
+                    learning_rate: Callable[[jnp.ndarray], jnp.ndarray], *, ema_decay: float,
+                    grad_accum_steps: int = 1) -> Callable:
+  """Builds `train_step(state, batch, frozen, scale_factor) -> (state, metrics)`; `frozen` holds
+  "unet", "vae", "text_encoder" and "uncond_ids" (the empty prompt's token ids)."""
+
+  def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], frozen: Any,
+                 scale_factor: jnp.ndarray) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grad_fn = jax.value_and_grad(lambda p, mb, r: _loss_fn(task, p, frozen, mb, r, scale_factor),
+                                 has_aux=True)
+    (loss, (per_example, t)), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
+                                                           grad_accum_steps)
+    new_state, metrics = apply_update(state, grads, loss, tx, learning_rate, ema_decay)
+    metrics["bucket_loss_sums"], metrics["bucket_counts"] = objectives.loss_per_timestep_bucket(
+        per_example, t, task.schedule.num_timesteps, task.num_buckets)
+    return new_state, metrics
+
+  return train_step
