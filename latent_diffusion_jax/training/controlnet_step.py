@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 from latent_diffusion_jax.diffusion import objectives, schedules
-from latent_diffusion_jax.training.diffusion_step import encode_latents
+from latent_diffusion_jax.models.conditioners.base import Conditioner
+from latent_diffusion_jax.training.diffusion_step import conditioning, encode_latents
 from latent_diffusion_jax.training.state import TrainState
 from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
 
@@ -29,26 +30,12 @@ class ControlNetTask:
   controlnet: nn.Module
   unet: nn.Module
   vae: nn.Module
-  text_encoder: Optional[nn.Module]
+  conditioner: Optional[Conditioner]  # the base model's, frozen
   schedule: schedules.NoiseSchedule
   prediction_type: str
   caption_dropout: float = 0.5
   conditioning_scale: float = 1.0
   num_buckets: int = 10
-
-
-def _context(task: ControlNetTask, frozen: Any, batch: Dict[str, jnp.ndarray],
-             rng: jax.Array) -> jnp.ndarray:
-  """Frozen text context, the empty prompt's at `caption_dropout`; zeros without a text encoder."""
-  if task.text_encoder is None or "input_ids" not in batch:
-    b = batch["control"].shape[0]
-    return jnp.zeros((b, 1, task.unet.cross_attention_dim), jnp.float32)
-  ids = batch["input_ids"]
-  if task.caption_dropout > 0:
-    drop = jax.random.bernoulli(rng, task.caption_dropout, (ids.shape[0], 1))
-    ids = jnp.where(drop, frozen["uncond_ids"][None], ids)
-  out = task.text_encoder.apply({"params": frozen["text_encoder"]}, ids)
-  return jax.lax.stop_gradient(out.context)
 
 
 def controlled_prediction(task: ControlNetTask, controlnet_params: Any, unet_params: Any,
@@ -66,8 +53,8 @@ def _loss_fn(task: ControlNetTask, params: Any, frozen: Any, batch: Dict[str, jn
              rng: jax.Array, scale_factor: jnp.ndarray):
   r_lat, r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 5)
   z = encode_latents(task, frozen["vae"], batch, r_lat) * scale_factor
-  ctx = _context(task, frozen, batch, r_drop)
   b = z.shape[0]
+  ctx = conditioning(task, {}, frozen, batch, r_drop, b).context
   t = jax.random.randint(r_t, (b,), 0, task.schedule.num_timesteps)
   noise = jax.random.normal(r_noise, z.shape, z.dtype)
   x_t = schedules.add_noise(task.schedule, z, noise, t)
@@ -83,7 +70,8 @@ def make_train_step(task: ControlNetTask, tx: optax.GradientTransformation,
                     learning_rate: Callable[[jnp.ndarray], jnp.ndarray], *, ema_decay: float,
                     grad_accum_steps: int = 1) -> Callable:
   """Builds `train_step(state, batch, frozen, scale_factor) -> (state, metrics)`; `frozen` holds
-  "unet", "vae", "text_encoder" and "uncond_ids" (the empty prompt's token ids)."""
+  "unet", "vae", the frozen conditioner's params under its param_key ("text_encoder") and
+  "null_inputs" (the empty prompt's token ids)."""
 
   def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], frozen: Any,
                  scale_factor: jnp.ndarray) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:

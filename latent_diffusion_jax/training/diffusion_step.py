@@ -81,10 +81,14 @@ def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.nd
   return jax.lax.stop_gradient(DiagonalGaussian(moments).sample(rng))
 
 
-def _conditioning(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
+def conditioning(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
                   rng: jax.Array, b: int) -> Conditioning:
   """The conditioner's output on the batch, with caption dropout to its null input (for
-  classifier-free guidance); an all-zero length-1 context for unconditional models."""
+  classifier-free guidance); an all-zero length-1 context for unconditional models.
+
+  `task` needs `conditioner`, `caption_dropout` and `unet`; a frozen conditioner's params come
+  from `frozen[conditioner.param_key]`, a trained one's from `params`, and the null input from
+  `frozen["null_inputs"]`."""
   cond = task.conditioner
   if cond is None:  # ready embeddings as they are (benchmarks), or nothing to attend to
     if "context" in batch:
@@ -106,7 +110,7 @@ def _loss_fn(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp
   r_lat, r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 5)
   z = encode_latents(task, frozen["vae"], batch, r_lat) * scale_factor
   b = z.shape[0]
-  cond = _conditioning(task, params, frozen, batch, r_drop, b)
+  cond = conditioning(task, params, frozen, batch, r_drop, b)
   t = jax.random.randint(r_t, (b,), 0, task.schedule.num_timesteps)
   noise = objectives.sample_noise(r_noise, z.shape, task.offset_noise)
   x_t = schedules.add_noise(task.schedule, z, noise, t)

@@ -34,7 +34,9 @@ from latent_diffusion_jax.models.controlnet import (controlnet_from_unet, exampl
                                                     hint_channels)
 from latent_diffusion_jax.training import foreign_init, startup
 from latent_diffusion_jax.training.controlnet_step import ControlNetTask, make_train_step
-from latent_diffusion_jax.training.diffusion_step import empty_prompt_ids, init_train_state
+from latent_diffusion_jax.models.conditioners.text import text_conditioner
+from latent_diffusion_jax.training.diffusion_step import (empty_prompt_ids, init_train_state,
+                                                          null_inputs)
 from latent_diffusion_jax.training.stages.base import Plan, Stage
 from latent_diffusion_jax.training.state import learning_rate_schedule, make_optimizer
 
@@ -146,7 +148,10 @@ class ControlNetStage(Stage):
     self.lr = learning_rate_schedule(config.optimizer, steps)
     self.task = ControlNetTask(
         controlnet=self.controlnet, unet=self.base.unet, vae=self.base.vae,
-        text_encoder=self.base.text_encoder, schedule=self.base.diffusion.noise_schedule(),
+        conditioner=text_conditioner(
+            "text", self.base.text_encoder, False, self.base.unet.cross_attention_dim,
+            empty_prompt_ids(self.tokenizer, config.model.text_encoder.max_length)),
+        schedule=self.base.diffusion.noise_schedule(),
         prediction_type=self.base.diffusion.prediction_type,
         caption_dropout=config.training.control_caption_dropout,
         conditioning_scale=config.model.controlnet.conditioning_scale,
@@ -173,8 +178,7 @@ class ControlNetStage(Stage):
     rules = tuple(tuple(r) for r in config.mesh.logical_axis_rules)
     max_length = config.model.text_encoder.max_length
     frozen = place_frozen(base, max_length, self.mesh, rules)
-    frozen["uncond_ids"] = startup.put_replicated(empty_prompt_ids(self.tokenizer, max_length),
-                                                  self.mesh)
+    frozen["null_inputs"] = startup.put_replicated(null_inputs(self.task.conditioner), self.mesh)
     step = make_train_step(self.task, self.tx, self.lr, ema_decay=config.optimizer.ema_decay,
                            grad_accum_steps=max(config.optimizer.grad_accum_steps, 1))
     return Plan(step=step, args=(frozen, startup.device_scalar(self.scale, self.mesh)),
