@@ -13,7 +13,7 @@ PARITY_REFS_SPEC := "$(TORCHVISION_SPEC)" pytorch-fid==0.3.0 open-clip-torch==3.
 DEMO ?= workdirs/demo
 DEMO_VQ ?= workdirs/demo_vq
 
-.PHONY: venv test demo demo-vq clean
+.PHONY: venv test demo demo-vq demo-controlnet clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,14 @@ demo-vq: venv
 	  --num_images_per_prompt 4
 	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint $(DEMO_VQ)/ldm \
 	  --out $(DEMO_VQ)/caption_fidelity --min_accuracy 0.8
+
+# A ControlNet on top of `make demo`'s LDM (run that first): outline maps place the shape, the
+# prompt never names the position; then placement on held-out layouts, with and without it.
+demo-controlnet: venv
+	$(PY) train.py --config configs/shapes_controlnet.py --workdir $(DEMO)/controlnet \
+	  --config.data.data_dir=$(DEMO)/tfds --config.training.base_checkpoint=$(DEMO)/ldm
+	$(PY) -m latent_diffusion_jax.cli.placement --controlnet $(DEMO)/controlnet \
+	  --out $(DEMO)/placement --min_placement 0.85
 
 clean:
 	rm -rf $(VENV)
