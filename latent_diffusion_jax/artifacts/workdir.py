@@ -144,7 +144,8 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
       metadata={"source": workdir, "step": step, "ema": bool(use_ema), "config": meta["config"],
                 "version": meta.get("version", "")},
       conditioner=conditioner,
-      conditioner_params=params.get(conditioner.param_key) if with_conditioner else None)
+      conditioner_params=params.get(conditioner.param_key) if with_conditioner else None,
+      image_conditioning=build.image_conditioning(config.model))
 
 
 def load_controlnet(workdir: str, step: Optional[int] = None, use_ema: bool = True, *,

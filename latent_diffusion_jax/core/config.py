@@ -120,6 +120,29 @@ def base_config() -> mc.ConfigDict:
       conditioning_channels=3, conditioning_embedding_out_channels=(16, 32, 96, 256),
       conditioning_scale=1.0))
 
+  # Image-shaped conditions concatenated to the UNet's input (models/image_conditioning.py):
+  # "" (none), "inpainting", "upscaling" or "semantic". model.unet.in_channels follows from it
+  # (latent + mask + masked-image latents, latent + 3, latent + num_classes); a config may leave
+  # it at the latent's channels or give the full width (models/build.py checks it).
+  c.model.image_conditioning = mc.ConfigDict()
+  c.model.image_conditioning.kind = ""
+  # Inpainting masks, drawn in the train step from the step's key (data/inpaint_masks.py): up to
+  # max_boxes rectangles and max_strokes thick polylines, or the whole image with
+  # full_mask_prob (SD inpainting training masks everything in 25% of the examples).
+  c.model.image_conditioning.mask = mc.ConfigDict(dict(
+      full_mask_prob=0.25, max_boxes=3, max_strokes=2, stroke_vertices=4,
+      stroke_width=(0.05, 0.15), box_size=(0.1, 0.6)))
+  # Upscaling: the low-res image is `factor` times smaller (it must be the first stage's factor:
+  # the low-res image has the latent's size), made by `degradation` ("area", "bilinear",
+  # "bicubic"; data/degradation.py), and noised by a random level in noise_level_range (the x4
+  # upscaler's noise augmentation; the level is the UNet's class label, so the UNet gets
+  # max(range) + 1 class embeddings). 0 = the first stage's factor.
+  c.model.image_conditioning.low_res_factor = 0
+  c.model.image_conditioning.degradation = "bicubic"
+  c.model.image_conditioning.noise_level_range = (0, 350)
+  # Semantic: classes of the segmentation map (shapes data: 0 background, 1 + shape index).
+  c.model.image_conditioning.num_classes = 0
+
   c.diffusion = mc.ConfigDict()
   # Noise schedule: "linear", "scaled_linear" (SD) or "cosine".
   c.diffusion.schedule = "scaled_linear"

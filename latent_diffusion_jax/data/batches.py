@@ -47,7 +47,14 @@ def load_shapes_split(config: mc.ConfigDict, workdir: str, tokenizer, split: str
       captions = control.drop_position(captions)
   if tokenizer is not None:
     out["input_ids"] = tokenize(tokenizer, captions, config.model.text_encoder.max_length)
+  out.update(_image_conditioning_fields(config, arrays))
   return out
+
+
+def _image_conditioning_fields(config: mc.ConfigDict, arrays) -> Dict[str, np.ndarray]:
+  """"low_res" / "segmentation" for an image-conditioned run (data/image_conditioning_data.py)."""
+  from latent_diffusion_jax.data import image_conditioning_data
+  return image_conditioning_data.shapes_fields(config, arrays)
 
 
 def make_batches(config: mc.ConfigDict, workdir: str, global_batch: int, mesh, *, tokenizer=None,
@@ -74,7 +81,9 @@ def make_batches(config: mc.ConfigDict, workdir: str, global_batch: int, mesh, *
     arrays = load_shapes_split(config, workdir, tokenizer, "train")
     if config.data.pre_encode and vae is not None:
       from latent_diffusion_jax.data.pre_encode import batch_field, encode_images
-      arrays[batch_field(vae)] = encode_images(vae, vae_params, arrays.pop("images"),
+      from latent_diffusion_jax.data.image_conditioning_data import keeps_images
+      images = arrays["images"] if keeps_images(config) else arrays.pop("images")
+      arrays[batch_field(vae)] = encode_images(vae, vae_params, images,
                                         cache_dir=os.path.join(workdir, "latents"))
     it = ArrayIterator(arrays, global_batch, seed=config.seed, process_index=jax.process_index(),
                        process_count=jax.process_count(),

@@ -38,7 +38,67 @@ def build_unet(model_cfg: mc.ConfigDict) -> UNet2DConditionModel:
   cond = model_cfg.get("conditioner")
   if cond is not None and conditioner_kind(model_cfg) == "class" and cond.use_unet_class_embedding:
     fields["num_class_embeds"] = int(cond.num_classes) + 1
+  fields.update(image_conditioning_fields(model_cfg))
   return UNet2DConditionModel(**fields, **_common(model_cfg))
+
+
+def image_conditioning(model_cfg: mc.ConfigDict):
+  """The `ImageConditioning` of `model.image_conditioning` (None for kind "" and for configs
+  stored before the key existed)."""
+  from latent_diffusion_jax.models.image_conditioning import KINDS, ImageConditioning
+  ic = model_cfg.get("image_conditioning")
+  if ic is None or not ic.kind:
+    return None
+  if ic.kind not in KINDS:
+    raise UserInputError(f"Unknown model.image_conditioning.kind {ic.kind!r}; valid: '', "
+                         f"{', '.join(KINDS)}.")
+  if ic.kind == "semantic":
+    if int(ic.num_classes) < 1:
+      raise UserInputError("model.image_conditioning.kind='semantic' needs "
+                           "model.image_conditioning.num_classes >= 1 (the segmentation map's "
+                           f"classes), got {ic.num_classes}.")
+    return ImageConditioning("semantic", num_classes=int(ic.num_classes))
+  if ic.kind == "upscaling":
+    low, high = (int(v) for v in ic.noise_level_range)
+    if not 0 <= low <= high < 1000:
+      raise UserInputError(f"model.image_conditioning.noise_level_range={tuple(ic.noise_level_range)}"
+                           " must be (low, high) with 0 <= low <= high < 1000 (timesteps of the "
+                           "low-res noise schedule).")
+    return ImageConditioning("upscaling", max_noise_level=high)
+  return ImageConditioning(ic.kind)
+
+
+def image_conditioning_fields(model_cfg: mc.ConfigDict) -> Dict[str, Any]:
+  """The UNet fields `model.image_conditioning` sets: in_channels = latent (model.unet.
+  out_channels) + the condition's channels, and for upscaling one class embedding per noise
+  level.
+
+  Raises:
+    UserInputError: a model.unet.in_channels that is neither the latent's channels (left for
+      the condition to widen) nor the widened count; a num_class_embeds an upscaler cannot use.
+  """
+  cond = image_conditioning(model_cfg)
+  u = model_cfg.unet
+  latent = int(u.out_channels)
+  if cond is None:
+    return {}
+  width = latent + cond.extra_channels(latent)
+  if u.in_channels not in (latent, width):
+    raise UserInputError(
+        f"model.unet.in_channels={u.in_channels} does not fit "
+        f"model.image_conditioning.kind={cond.kind!r}: with a {latent}-channel latent "
+        f"(model.unet.out_channels) the UNet takes {width} channels; set "
+        f"--config.model.unet.in_channels={width} or leave it at {latent}.")
+  fields = {"in_channels": width}
+  if cond.kind == "upscaling":
+    levels = cond.max_noise_level + 1
+    if u.num_class_embeds not in (None, levels):
+      raise UserInputError(
+          f"model.unet.num_class_embeds={u.num_class_embeds}, but an upscaler's class label is "
+          f"its noise level: it needs {levels} (max of model.image_conditioning."
+          "noise_level_range + 1); leave it None.")
+    fields["num_class_embeds"] = levels
+  return fields
 
 
 def build_controlnet(model_cfg: mc.ConfigDict) -> nn.Module:

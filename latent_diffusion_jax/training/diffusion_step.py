@@ -38,6 +38,8 @@ class DiffusionTask:
   offset_noise: float = 0.0
   caption_dropout: float = 0.0
   num_buckets: int = 10
+  # Image-shaped conditions concatenated to z_t (training/image_conditions.py), or None.
+  image_conditions: Any = None
 
 
 def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.ndarray],
@@ -115,6 +117,13 @@ def _loss_fn(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp
   noise = objectives.sample_noise(r_noise, z.shape, task.offset_noise)
   x_t = schedules.add_noise(task.schedule, z, noise, t)
   labels = cond.class_labels if cond.class_labels is not None else batch.get("class_labels")
+  if task.image_conditions is not None:
+    from latent_diffusion_jax.training.image_conditions import condition_channels
+    # A key of its own, so runs without image conditioning keep their random streams.
+    extra, extra_labels = condition_channels(task.image_conditions, task.vae, frozen["vae"], batch,
+                                             scale_factor, jax.random.fold_in(rng, 7))
+    x_t = jnp.concatenate([x_t, extra.astype(x_t.dtype)], axis=-1)
+    labels = extra_labels if extra_labels is not None else labels
   if task.unet.num_class_embeds is None:
     labels = None
   out = task.unet.apply({"params": params["unet"]}, x_t, t, cond.context, labels,

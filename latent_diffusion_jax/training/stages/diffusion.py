@@ -26,6 +26,7 @@ from latent_diffusion_jax.diffusion import schedules
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models import build
 from latent_diffusion_jax.training import frozen as frozen_lib
+from latent_diffusion_jax.training import image_conditions
 from latent_diffusion_jax.training import startup
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, empty_prompt_ids,
                                                           encode_latents, init_train_state,
@@ -133,7 +134,8 @@ class DiffusionStage(Stage):
     self.task = DiffusionTask(
         unet=self.unet, vae=self.vae, conditioner=self.conditioner, schedule=make_schedule(config), prediction_type=d.prediction_type,
         loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
-        caption_dropout=d.caption_dropout, num_buckets=config.training.loss_buckets)
+        caption_dropout=d.caption_dropout, num_buckets=config.training.loss_buckets,
+        image_conditions=image_conditions.from_config(config, self.vae))
     self.init_fn = build_init_fn(config, self.unet, self.conditioner, self.tx)
     self.trained = {"unet": self.unet}
     if te.trainable and self.text_encoder is not None:
@@ -172,7 +174,12 @@ class DiffusionStage(Stage):
     if jax.process_index() == 0:
       save_frozen(self.workdir, vae_params=self.vae_params, text_params=self.text_params)
     hooks = []
-    if config.training.sample_every > 0 and self.text_encoder is not None:
+    if self.task.image_conditions is not None and (config.training.sample_every > 0
+                                                    or config.evaluation.every > 0):
+      # The grid and evaluation hooks sample text-to-image; these models need image inputs.
+      logging.warning("training.sample_every and evaluation.every are ignored with "
+                      "model.image_conditioning; sample with sampling.image_conditioned.")
+    elif config.training.sample_every > 0 and self.text_encoder is not None:
       from latent_diffusion_jax.training.sample_hook import SampleGridHook
       hooks.append(SampleGridHook(config, self.workdir, writer, self.scale, self.vae,
                                   self.text_encoder, self.unet, frozen, self.mesh))
