@@ -1,7 +1,8 @@
 """Semantic map -> image on the embedded shapes: the demo's text-to-image model
-(configs/shapes_ldm.py) with the segmentation map (0 background, 1 circle, 2 square, 3 triangle)
-as 4 per-class channels at latent resolution, concatenated to the latents (8 channels in all); the
-caption still names the color. On the demo's stage-1 autoencoder.
+(configs/shapes_ldm.py) with the segmentation map (0 background, 1 + color index * 3 + shape
+index: 19 classes, so the map alone fixes color, shape and place) as per-class shares of each
+latent cell, concatenated to the latents (4 + 19 = 23 channels). On the demo's stage-1
+autoencoder; the caption stays an input (give "" or the caption).
 
   python train.py --config configs/shapes_semantic_ldm.py --workdir workdirs/demo/semantic \
       --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder
@@ -20,8 +21,9 @@ def get_config(arg=None):
                        + (":tiny" if args.tiny else ""))
   ic = c.model.image_conditioning
   ic.kind = "semantic"
-  # Background + the 3 shapes (data/segmentation.py).
-  ic.num_classes = 4
+  # Background + 6 colors x 3 shapes (data/segmentation.py); "shape" (4) or "color" (7) map less.
+  ic.segmentation = "color_shape"
+  ic.num_classes = 19
   # The demo's stage-1 autoencoder (make demo).
   c.frozen.vae = "workdirs/demo/autoencoder"
   # The grid and evaluation hooks sample text-to-image; these models need image inputs.

@@ -140,8 +140,11 @@ def base_config() -> mc.ConfigDict:
   c.model.image_conditioning.low_res_factor = 0
   c.model.image_conditioning.degradation = "bicubic"
   c.model.image_conditioning.noise_level_range = (0, 350)
-  # Semantic: classes of the segmentation map (shapes data: 0 background, 1 + shape index).
+  # Semantic: classes of the segmentation map, and what the shapes data's maps name
+  # (data/segmentation.py): "shape" (4 classes with the background), "color" (7) or
+  # "color_shape" (19).
   c.model.image_conditioning.num_classes = 0
+  c.model.image_conditioning.segmentation = "shape"
 
   c.diffusion = mc.ConfigDict()
   # Noise schedule: "linear", "scaled_linear" (SD) or "cosine".

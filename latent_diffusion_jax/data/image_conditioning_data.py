@@ -4,7 +4,8 @@ shapes data, beside "images":
   inpainting  nothing more: masks are drawn in the train step (data/inpaint_masks.py) and the
               masked image comes from "images" (kept even when the latents are pre-encoded)
   upscaling   "low_res": uint8 [N, H/f, W/f, 3], the configured degradation (data/degradation.py)
-  semantic    "segmentation": uint8 class ids [N, H, W] (data/segmentation.py)
+  semantic    "segmentation": uint8 class ids [N, H, W] by model.image_conditioning.segmentation
+              (data/segmentation.py)
 """
 
 from typing import Dict
@@ -38,7 +39,8 @@ def shapes_fields(config: mc.ConfigDict, arrays: Dict[str, np.ndarray]) -> Dict[
     return {"low_res": degradation.degrade(arrays["images"], low_res_factor(config),
                                            ic.degradation)}
   if kind(config) == "semantic":
-    labels = segmentation.shapes_segmentation(arrays["images"], arrays["shape"])
+    labels = segmentation.shapes_segmentation(arrays["images"], arrays["color"], arrays["shape"],
+                                              ic.segmentation)
     segmentation.check_classes(labels, int(ic.num_classes), "the shapes segmentation maps")
     return {"segmentation": labels}
   return {}

@@ -68,11 +68,12 @@ def from_config(config: mc.ConfigDict, vae: Any) -> Optional[ImageConditionTask]
                            f"{settings.degradation!r}; valid: {', '.join(degradation.METHODS)}.")
     low, high = (int(v) for v in settings.noise_level_range)
     return ImageConditionTask(cond, noise_level_range=(low, high))
-  if cond.num_classes < segmentation.NUM_CLASSES:
+  needed = segmentation.num_classes(settings.segmentation)
+  if cond.num_classes < needed:
     raise UserInputError(
         f"model.image_conditioning.num_classes={cond.num_classes}, but the shapes segmentation "
-        f"maps hold class ids up to {segmentation.NUM_CLASSES - 1}: set it to at least "
-        f"{segmentation.NUM_CLASSES}.")
+        f"maps of model.image_conditioning.segmentation={settings.segmentation!r} hold class ids "
+        f"up to {needed - 1}: set it to at least {needed}.")
   return ImageConditionTask(cond)
 
 
