@@ -10,7 +10,8 @@ control image alone must carry the layout.
 """
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Tuple
+import functools
+from typing import Any, Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -19,9 +20,8 @@ import optax
 
 from latent_diffusion_jax.diffusion import objectives, schedules
 from latent_diffusion_jax.models.conditioners.base import Conditioner
-from latent_diffusion_jax.training.diffusion_step import conditioning, encode_latents
-from latent_diffusion_jax.training.state import TrainState
-from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
+from latent_diffusion_jax.training.diffusion_step import (conditioning, encode_latents,
+                                                          step_from_loss)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +72,6 @@ def make_train_step(task: ControlNetTask, tx: optax.GradientTransformation,
   """Builds `train_step(state, batch, frozen, scale_factor) -> (state, metrics)`; `frozen` holds
   "unet", "vae", the frozen conditioner's params under its param_key ("text_encoder") and
   "null_inputs" (the empty prompt's token ids)."""
-
-  def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], frozen: Any,
-                 scale_factor: jnp.ndarray) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(lambda p, mb, r: _loss_fn(task, p, frozen, mb, r, scale_factor),
-                                 has_aux=True)
-    (loss, (per_example, t)), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
-                                                           grad_accum_steps)
-    new_state, metrics = apply_update(state, grads, loss, tx, learning_rate, ema_decay)
-    metrics["bucket_loss_sums"], metrics["bucket_counts"] = objectives.loss_per_timestep_bucket(
-        per_example, t, task.schedule.num_timesteps, task.num_buckets)
-    return new_state, metrics
-
-  return train_step
+  return step_from_loss(functools.partial(_loss_fn, task), tx, learning_rate,
+                        ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
+                        num_timesteps=task.schedule.num_timesteps, num_buckets=task.num_buckets)

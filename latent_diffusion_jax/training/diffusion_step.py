@@ -9,6 +9,7 @@ Caption dropout replaces a row's fields by the conditioner's null input (`frozen
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
@@ -143,17 +144,28 @@ def make_train_step(task: DiffusionTask, tx: optax.GradientTransformation,
   With `grad_accum_steps` k > 1 the batch holds k micro-batches (leading dim k * B) whose gradients
   are averaged before one update (see training/update.py, which also guards non-finite steps).
   """
+  return step_from_loss(functools.partial(_loss_fn, task), tx, learning_rate,
+                        ema_decay=ema_decay, grad_accum_steps=grad_accum_steps,
+                        num_timesteps=task.schedule.num_timesteps, num_buckets=task.num_buckets)
+
+
+def step_from_loss(loss_fn: Callable, tx: optax.GradientTransformation,
+                   learning_rate: Callable[[jnp.ndarray], jnp.ndarray], *, ema_decay: float,
+                   grad_accum_steps: int, num_timesteps: int, num_buckets: int) -> Callable:
+  """A diffusion train step around `loss_fn(params, frozen, batch, rng, scale_factor) ->
+  (mean loss, (per-example loss, timesteps))`: gradients (accumulated), the guarded update with
+  EMA, and the loss per timestep bucket. Shared by the UNet and ControlNet steps."""
 
   def train_step(state: TrainState, batch: Dict[str, jnp.ndarray], frozen: Any,
                  scale_factor: jnp.ndarray) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
     rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    grad_fn = jax.value_and_grad(lambda p, mb, r: _loss_fn(task, p, frozen, mb, r, scale_factor),
+    grad_fn = jax.value_and_grad(lambda p, mb, r: loss_fn(p, frozen, mb, r, scale_factor),
                                  has_aux=True)
     (loss, (per_example, t)), grads = accumulate_gradients(grad_fn, state.params, batch, rng,
                                                            grad_accum_steps)
     new_state, metrics = apply_update(state, grads, loss, tx, learning_rate, ema_decay)
     metrics["bucket_loss_sums"], metrics["bucket_counts"] = objectives.loss_per_timestep_bucket(
-        per_example, t, task.schedule.num_timesteps, task.num_buckets)
+        per_example, t, num_timesteps, num_buckets)
     return new_state, metrics
 
   return train_step
