@@ -207,8 +207,12 @@ def main(argv=None):
     for remat in args.remat.split(","):
       config.model.unet.remat = remat == "on"
       for b in batches:
-        results["rows"].append(memory(config, parse_mesh(args.mesh), b))
-        print(f"compiled batch {b}, remat {remat} ({_load()})", flush=True)
+        r = memory(config, parse_mesh(args.mesh), b)
+        results["rows"].append(r)
+        print(f"batch {b}, remat {remat}: {r['total_bytes'] / GIB:.2f} GiB per device (args "
+              f"{r['argument_bytes'] / GIB:.2f}, outputs {r['output_bytes'] / GIB:.2f}, aliased "
+              f"{r['alias_bytes'] / GIB:.2f}, temps {r['temp_bytes'] / GIB:.2f}); compiled in "
+              f"{r['compile_seconds']:.0f} s ({_load()})", flush=True)
   else:
     batches = [int(b) for b in (args.batches or "8,16,32,64").split(",")]
     rows = [("batch", parse_mesh(args.device_batch), b) for b in batches]
