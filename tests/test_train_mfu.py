@@ -2,6 +2,7 @@
 the host loop, logs `tflop_per_sec_per_device` and `mfu` beside img/s, to the log line and to
 TensorBoard."""
 
+import functools
 import logging as py_logging
 
 import jax
@@ -28,8 +29,11 @@ def _mesh():
   return parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
 
 
-def _diffusion_step(mesh):
-  """(compiled step, state, step args, batches) of a tiny UNet's diffusion step."""
+@functools.lru_cache(maxsize=None)
+def _diffusion_parts():
+  """(compiled step, fresh-state fn, step args, batches) of a tiny UNet's diffusion step, built
+  and compiled once for the module (the step donates its state: each run takes a fresh one)."""
+  mesh = _mesh()
   unet = UNet2DConditionModel(block_out_channels=(8,), attention_levels=(True,), layers_per_block=1,
                               num_heads=1, cross_attention_dim=8, norm_num_groups=4,
                               mid_block_attention=False)
@@ -39,8 +43,11 @@ def _diffusion_step(mesh):
   tx = optax.adam(1e-3)
   params = unet.init(jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,), jnp.int32),
                      jnp.zeros((1, 1, 8)))["params"]
-  state = startup.put_replicated(init_train_state({"unet": parallel.unbox(params)}, tx, 0,
-                                                  ema=True), mesh)
+  # New buffers on every call (jit outputs): the step donates the state it is given.
+  init = jax.jit(lambda p: init_train_state({"unet": p}, tx, 0, ema=True),
+                 out_shardings=startup.replicated(mesh))
+  fresh = lambda: init(parallel.unbox(params))  # noqa: E731
+  state = fresh()
   shardings = jax.tree.map(lambda x: x.sharding, state)
   rng = np.random.default_rng(0)
   batches = [parallel.global_batch({"moments": rng.standard_normal((B, 8, 8, 8)).astype(np.float32)},
@@ -48,7 +55,13 @@ def _diffusion_step(mesh):
   args = ({"vae": {}}, startup.device_scalar(0.5, mesh))
   step = startup.compile_step(make_train_step(task, tx, lambda s: 1e-3, ema_decay=0.9), state,
                               shardings, batches[0], args, mesh)
-  return step, state, args, batches
+  return step, fresh, args, batches
+
+
+def _diffusion_step(mesh=None):
+  """(compiled step, state, step args, batches) of the tiny UNet's diffusion step."""
+  step, fresh, args, batches = _diffusion_parts()
+  return step, fresh(), args, batches
 
 
 def _autoencoder_step(mesh):
