@@ -16,7 +16,6 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
-import numpy as np
 
 
 def step_flops(compiled: Any) -> Optional[float]:
@@ -99,9 +98,8 @@ def measure_matmul_peak(size: int = 2048, dtype: Any = jnp.float32, repeats: int
                         device: Optional[jax.Device] = None) -> float:
   """FLOP/s of the best of `repeats` timed [size, size] @ [size, size] matmuls on `device`."""
   device = device or jax.devices()[0]
-  rng = np.random.default_rng(0)
-  a, b = (jax.device_put(jnp.asarray(rng.standard_normal((size, size)), dtype), device)
-          for _ in range(2))
+  with jax.default_device(device):  # drawn on the device: no host array of size**2 floats
+    a, b = (jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2))
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
   best = float("inf")
