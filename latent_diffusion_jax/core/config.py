@@ -232,6 +232,9 @@ def base_config() -> mc.ConfigDict:
   c.training.batch_size = 256
   c.training.num_steps = 100_000
   c.training.log_every = 50
+  # FLOP/s of one device, the denominator of the logged MFU (e.g. 989e12 for an H100's dense bf16);
+  # 0 measures a matmul's at start-up, once per device kind and compute dtype.
+  c.training.peak_flops_per_device = 0.0
   c.training.checkpoint_every = 1000
   c.training.keep_checkpoints = 3
   c.training.async_checkpointing = True

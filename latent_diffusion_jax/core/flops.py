@@ -5,17 +5,17 @@ Two counts that check each other: `step_flops` asks XLA's cost analysis of a com
 `matmul_conv_flops` walks a function's jaxpr and adds 2*M*N*K for every matmul and convolution
 (the analytic count; a train step is about 3x the forward's). `measure_matmul_peak` times a large
 matmul on a device, the denominator of a model-FLOPs utilization (MFU) that means something on
-machines without a datasheet peak (CPUs).
+machines without a datasheet peak (CPUs); `cached_matmul_peak` measures it once per device kind
+and dtype in a process (what the trainer logs its MFU against).
 """
 
 import math
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.extend.core as jex
 import jax.numpy as jnp
-import numpy as np
 
 
 def step_flops(compiled: Any) -> Optional[float]:
@@ -98,9 +98,8 @@ def measure_matmul_peak(size: int = 2048, dtype: Any = jnp.float32, repeats: int
                         device: Optional[jax.Device] = None) -> float:
   """FLOP/s of the best of `repeats` timed [size, size] @ [size, size] matmuls on `device`."""
   device = device or jax.devices()[0]
-  rng = np.random.default_rng(0)
-  a, b = (jax.device_put(jnp.asarray(rng.standard_normal((size, size)), dtype), device)
-          for _ in range(2))
+  with jax.default_device(device):  # drawn on the device: no host array of size**2 floats
+    a, b = (jax.random.normal(jax.random.key(i), (size, size), dtype) for i in range(2))
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
   best = float("inf")
@@ -109,6 +108,27 @@ def measure_matmul_peak(size: int = 2048, dtype: Any = jnp.float32, repeats: int
     matmul(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2.0 * size ** 3 / best
+
+
+# Matmul sides for a peak measurement: big enough to keep the device's units busy (an accelerator
+# needs thousands), small enough to take well under a second (a CPU core runs ~50 GFLOP/s).
+_PEAK_SIZES = {"cpu": 1024}
+_ACCELERATOR_PEAK_SIZE = 8192
+_PEAKS: Dict[Tuple[str, str, str], float] = {}
+
+
+def cached_matmul_peak(dtype: Any = jnp.float32, device: Optional[jax.Device] = None) -> float:
+  """`measure_matmul_peak` of `device` (default: the first) in `dtype`, measured once per
+  (platform, device kind, dtype) in this process and then reused.
+
+  On fake CPU devices (`--xla_force_host_platform_device_count`) all devices share the host's
+  cores: the peak is the whole host's, so a per-device MFU there is a relative number."""
+  device = device or jax.devices()[0]
+  key = (device.platform, device.device_kind, jnp.dtype(dtype).name)
+  if key not in _PEAKS:
+    size = _PEAK_SIZES.get(device.platform, _ACCELERATOR_PEAK_SIZE)
+    _PEAKS[key] = measure_matmul_peak(size=size, dtype=dtype, device=device)
+  return _PEAKS[key]
 
 
 def mfu(flops_per_step: float, step_seconds: float, peak_flops_per_second: float) -> float:

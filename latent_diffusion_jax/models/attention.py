@@ -1,7 +1,8 @@
 """Scaled dot-product attention with implementations selected by config.
 
 Implementations:
-  "xla":     einsum + softmax written out, the softmax in float32 (`upcast`), runs everywhere.
+  "xla":     einsum + softmax written out, the softmax in float32 (`upcast`), runs everywhere
+             (the scale applied to q, the normalization to the output).
   "jax":     `jax.nn.dot_product_attention` with XLA's own lowering.
   "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on NVIDIA
              GPUs (fp16/bf16 only; no arbitrary masks beyond causal).
@@ -33,13 +34,11 @@ LOGITS_BLOCK_BYTES = 2 * 2**20
 
 
 def _xla_attention(q, k, v, mask, upcast: bool):
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  compute = jnp.float32 if upcast else q.dtype
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  # Scaled on q and normalized on the output, never on the [B, H, Lq, Lk] logits: XLA:CPU fuses
+  # the whole attention into one kernel whose operands must exist in memory, so `logits * scale`
+  # made it build a [B, H, Lq, Lk] broadcast of the scale on every call (512 MiB at batch 16,
+  # 1024 tokens, 8 heads; inside the sampling loop, once per step) and read it in every layer.
+  return _block_attention(q, k, v, mask, upcast)
 
 
 def _block_attention(q, k, v, mask, upcast: bool):
@@ -47,7 +46,7 @@ def _block_attention(q, k, v, mask, upcast: bool):
   the [.., Lk] weights (one multiply per output element instead of per logit)."""
   scale = 1.0 / math.sqrt(q.shape[-1])
   compute = jnp.float32 if upcast else q.dtype
-  logits = jnp.einsum("bqhd,bkhd->bhqk", (q * scale).astype(compute), k.astype(compute))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute) * scale, k.astype(compute))
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
   logits = logits - jax.lax.stop_gradient(logits.max(axis=-1, keepdims=True))

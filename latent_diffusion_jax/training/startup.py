@@ -8,6 +8,7 @@ import ml_collections as mc
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from latent_diffusion_jax.core import flops as flops_lib
 from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer, resolve_restore_source
 from latent_diffusion_jax.checkpoints.resume import resume
@@ -83,11 +84,16 @@ class CompiledStep:
   Attributes:
     executables: batch shape signature -> compiled executable; its length is the number of
       compilations.
+    flops: batch shape signature -> FLOPs per device of one call by XLA's cost analysis (None
+      where the backend reports none).
+    last_flops: `flops` of the batch shape of the latest call (what the loop's MFU adds up).
   """
 
   def __init__(self, jitted):
     self._jitted = jitted
     self.executables: Dict[Any, Any] = {}
+    self.flops: Dict[Any, Optional[float]] = {}
+    self.last_flops: Optional[float] = None
 
   @staticmethod
   def signature(batch: Any) -> Any:
@@ -103,6 +109,8 @@ class CompiledStep:
                    len(self.executables) + 1)
       _log_memory(compiled)
       self.executables[key] = compiled
+      self.flops[key] = flops_lib.step_flops(compiled)
+    self.last_flops = self.flops[key]
     return self.executables[key]
 
   def __call__(self, state: Any, batch: Any, *extra):
