@@ -1,6 +1,8 @@
 """Class labels and layouts of the shapes dataset: the class helpers, the layout generator and its
 held-out split, the TFDS layout builder, and the batch fields data/batches.py hands training."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -111,3 +113,32 @@ def test_tfds_layout_builder_and_batch_fields(tmp_path):
   c.model.conditioner.layout.max_boxes = 2
   with pytest.raises(ValueError, match="max_boxes=2"):
     batches.load_shapes_split(c, str(tmp_path), None, "train")
+
+
+def test_pre_encoded_batches_carry_the_conditions(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  from latent_diffusion_jax.core import parallel
+  from latent_diffusion_jax.data import batches
+  from latent_diffusion_jax.models import build
+  from tiny_bundles import _init
+  c = base_config()
+  c.model.image_size = 16
+  c.model.vae.block_out_channels = (8, 8)
+  c.model.vae.norm_num_groups = 4
+  c.data.num_train, c.data.num_test = 16, 4
+  c.data.data_dir = str(tmp_path / "tfds")
+  c.data.shapes_variant = "layout"
+  vae = build.build_vae(c.model)
+  params = _init(vae, jnp.zeros((1, 16, 16, 3)), seed=0)
+  mesh = parallel.create_mesh((-1, 1, 1))
+  it, gen = batches.make_batches(c, str(tmp_path), 8, mesh, vae=vae, vae_params=params)
+  first_indices = np.sort(it.global_indices(0))
+  batch = next(gen)
+  arrays = batches.load_shapes_split(c, str(tmp_path), None, "train")
+  assert set(batch) == {"moments", "layout_boxes", "layout_classes"}
+  np.testing.assert_array_equal(jax.device_get(batch["layout_classes"]),
+                                arrays["layout_classes"][first_indices])
+  np.testing.assert_array_equal(jax.device_get(batch["layout_boxes"]),
+                                arrays["layout_boxes"][first_indices])
+  assert os.listdir(tmp_path / "latents")  # the cache was written
