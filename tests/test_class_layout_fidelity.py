@@ -79,3 +79,17 @@ def test_layout_fidelity_refuses_mismatched_input():
     layout_fidelity(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 3, 3)), np.zeros((1, 3)))
   with pytest.raises(ValueError, match="outside"):
     layout_fidelity(np.zeros((1, 32, 32, 3), np.uint8), np.zeros((1, 1, 4)), np.full((1, 1), 18))
+
+
+def test_demo_requests_cover_every_class_and_held_out_layouts():
+  from latent_diffusion_jax.evaluation import shapes_demo
+  labels = shapes_demo.class_requests(3)
+  assert labels.tolist() == [i for i in range(18) for _ in range(3)]
+  requests = shapes_demo.layout_requests(10)
+  assert len(requests["layouts"]) == 10 and requests["layout_boxes"].shape == (10, 3, 4)
+  for layout, classes in zip(requests["layouts"], requests["layout_classes"]):
+    assert [c for _, c in layout] == [c for c in classes.tolist() if c >= 0]
+  # The requests are the test split's, whose real images score 100%.
+  batch = shapes_layout.generate_batch(0, 10, split="test")
+  assert layout_fidelity(batch["images"], requests["layout_boxes"],
+                         requests["layout_classes"])["accuracy"] == 1.0
