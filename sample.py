@@ -4,6 +4,11 @@
   python sample.py --diffusers /models/sd15 --prompts_file prompts.txt --steps 30 \
       --guidance_scale 7.5 --sampler dpmpp_2m --num_images_per_prompt 4 --out /tmp/sd15
   python sample.py --model /models/sd15.safetensors --prompt "a photo of a cat" --out /tmp/cat
+  python sample.py --checkpoint workdirs/class_ldm --class_label "red circle" --class_label 3
+  python sample.py --checkpoint workdirs/layout_ldm --layout layouts.json
+
+Models with a non-text conditioner take --class_label, --layout (JSON, see
+latent_diffusion_jax/sampling/conditions.py) or --embeddings instead of prompts.
 
 The model: --model (any source, detected) or one of --checkpoint, --diffusers, --single_file,
 --native, the same flags as the export command's. Writes one PNG per image, grid.png and
@@ -14,6 +19,7 @@ from absl import app, flags
 
 from latent_diffusion_jax import sampling
 from latent_diffusion_jax.cli import errors, source_flags
+from latent_diffusion_jax.sampling import conditions
 
 source_flags.define()
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "A prompt; repeat the flag for more.")
@@ -31,6 +37,14 @@ _HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default:
 _WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels (default: the model's image "
                               "size); a multiple of its total downsampling.")
 _OUT = flags.DEFINE_string("out", "samples", "Output directory.")
+_CLASS_LABEL = flags.DEFINE_multi_string(
+    "class_label", [], "A class (index or name) for a class-conditional model; repeatable.")
+_LAYOUT = flags.DEFINE_multi_string(
+    "layout", [], "A layout for a layout-to-image model: inline JSON or a JSON file holding one "
+    "layout or a list; repeatable.")
+_EMBEDDINGS = flags.DEFINE_string(
+    "embeddings", None, "A .npy file of [n, L, D] (or [L, D]) embeddings for a model on "
+    "precomputed embeddings.")
 
 
 @errors.exits_on_user_error("sample.py")
@@ -41,10 +55,14 @@ def main(argv):
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     prompts += sampling.read_prompts_file(_PROMPTS_FILE.value)
-  if not prompts:
-    raise app.UsageError("No prompts: pass --prompt (repeatable) or --prompts_file.")
+  if not (prompts or _CLASS_LABEL.value or _LAYOUT.value or _EMBEDDINGS.value):
+    raise app.UsageError("No prompts: pass --prompt (repeatable) or --prompts_file; or, for a "
+                         "model with another conditioner, --class_label, --layout or --embeddings.")
   sampling.run_sampling(
       prompts=prompts, out_dir=_OUT.value, source=source,
+      class_labels=_CLASS_LABEL.value or None,
+      layouts=conditions.read_layouts(_LAYOUT.value) if _LAYOUT.value else None,
+      embeddings=conditions.read_embeddings(_EMBEDDINGS.value) if _EMBEDDINGS.value else None,
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value,

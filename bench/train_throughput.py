@@ -67,7 +67,7 @@ def run_ours(config, unet, params, host, steps: int):
   o = config.optimizer
   tx, lr = make_optimizer(o, 10_000), learning_rate_schedule(o, 10_000)
   schedule = DiffusionSpec.from_config(config.diffusion).noise_schedule()
-  task = DiffusionTask(unet=unet, vae=None, text_encoder=None, text_trainable=False,
+  task = DiffusionTask(unet=unet, vae=None, conditioner=None,
                        schedule=schedule, prediction_type=config.diffusion.prediction_type)
   size = build.latent_size(config.model)
   probe = (jnp.zeros((1, size, size, unet.in_channels)), jnp.zeros((1,), jnp.int32),

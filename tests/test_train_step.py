@@ -15,6 +15,7 @@ from latent_diffusion_jax.models.text_encoders import LDMTextTransformer
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.training import startup
 from latent_diffusion_jax.checkpoints.checkpointer import Checkpointer
+from latent_diffusion_jax.models.conditioners.text import text_conditioner
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, init_train_state,
                                                           make_train_step)
 from latent_diffusion_jax.training.state import ema_decay_at, learning_rate_schedule, make_optimizer
@@ -40,7 +41,8 @@ def setup_parts():
                       norm_num_groups=4)
   text = LDMTextTransformer(vocab_size=32, max_length=L, width=16, depth=1, heads=2)
   vae_params = jax.jit(vae.init)(jax.random.key(1), jnp.zeros((1, 8, 8, 3)))["params"]
-  task = DiffusionTask(unet=unet, vae=vae, text_encoder=text, text_trainable=True,
+  conditioner = text_conditioner("ldm_transformer", text, True, 16, empty_ids=(0,) * L)
+  task = DiffusionTask(unet=unet, vae=vae, conditioner=conditioner,
                        schedule=schedules.make_schedule("scaled_linear"), prediction_type="epsilon",
                        caption_dropout=0.2, num_buckets=4)
   opt = _opt_cfg()
@@ -57,7 +59,7 @@ def setup_parts():
   rng = np.random.default_rng(0)
   batch = {"images": rng.integers(0, 256, (B, 8, 8, 3), dtype=np.uint8),
            "input_ids": rng.integers(0, 32, (B, L)).astype(np.int32)}
-  frozen = {"vae": vae_params, "uncond_ids": np.zeros((L,), np.int32)}
+  frozen = {"vae": vae_params, "null_inputs": {"input_ids": np.zeros((L,), np.int32)}}
   return init_fn, step, batch, frozen
 
 
@@ -220,7 +222,7 @@ def test_step_on_moments_and_ready_text_embeddings(setup_parts):
   rng = np.random.default_rng(1)
   batch = {"moments": rng.standard_normal((B, 4, 4, 8)).astype(np.float32),
            "context": rng.standard_normal((B, L, 16)).astype(np.float32)}
-  frozen = dict(frozen, uncond_context=np.zeros((L, 16), np.float32))
+  frozen = dict(frozen, null_inputs=dict(frozen["null_inputs"], context=np.zeros((L, 16), np.float32)))
   state = _host_state(setup_parts)
   new_state, metrics = jax.jit(step)(state, batch, frozen, jnp.float32(0.5))
   assert bool(metrics["finite"]) and int(new_state.step) == 1

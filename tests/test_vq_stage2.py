@@ -51,7 +51,7 @@ def _images(n=4, seed=0):
 
 
 def _task(vae):
-  return DiffusionTask(unet=None, vae=vae, text_encoder=None, text_trainable=False, schedule=None,
+  return DiffusionTask(unet=None, vae=vae, conditioner=None, schedule=None,
                        prediction_type="epsilon")
 
 

@@ -108,9 +108,14 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
   te = config.model.text_encoder
   unet, vae = build.build_unet(config.model), build.build_first_stage(config)
   text_encoder = build.build_text_encoder(config.model)
+  conditioner = None if text_encoder is not None else build.build_conditioner(config.model)
   trained = {"unet": unet} if "unet" in networks else {}
   if te.trainable and text_encoder is not None and "text_encoder" in networks:
     trained["text_encoder"] = text_encoder
+  with_conditioner = (conditioner is not None and conditioner.trainable
+                      and conditioner.has_params() and "unet" in networks)
+  if with_conditioner:
+    trained[conditioner.param_key] = conditioner
   params = restore_networks(ckpt, step, config, trained, use_ema, te.max_length) if trained else {}
   vae_params = load_frozen(workdir, "vae") if "vae" in networks else None
   if "vae" in networks and vae_params is None:
@@ -131,4 +136,6 @@ def load_bundle(workdir: str, step: Optional[int] = None, use_ema: bool = True, 
       diffusion=DiffusionSpec.from_config(config.diffusion),
       image_size=config.model.image_size, max_length=te.max_length,
       metadata={"source": workdir, "step": step, "ema": bool(use_ema), "config": meta["config"],
-                "version": meta.get("version", "")})
+                "version": meta.get("version", "")},
+      conditioner=conditioner,
+      conditioner_params=params.get(conditioner.param_key) if with_conditioner else None)

@@ -102,6 +102,10 @@ def base_config() -> mc.ConfigDict:
   # "class" and "layout": number of classes and (optional) their names, for sampling by name.
   c.model.conditioner.num_classes = 0
   c.model.conditioner.class_names = ()
+  # "class": the learned embedding as cross-attention context (the paper); and/or the label
+  # through the UNet's class embedding (num_class_embeds = num_classes + 1, the last the null
+  # class), which diffusers' UNet2DConditionModel can express (export needs class_context=False).
+  c.model.conditioner.class_context = True
   c.model.conditioner.use_unet_class_embedding = False
   c.model.conditioner.layout = mc.ConfigDict(dict(
       max_boxes=3, num_bins=32, width=128, depth=2, heads=4, head_dim=32))

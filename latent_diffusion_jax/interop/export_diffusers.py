@@ -42,7 +42,7 @@ SCHEDULERS = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler",
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}
 # The pipeline class and component directory names per first-stage kind (bundle.first_stage_kind).
 PIPELINES = {"kl": "StableDiffusionPipeline", "vq": "LDMTextToImagePipeline"}
-_COMPONENT_DIRS = {"kl": {"vae": "vae", "text_encoder": "text_encoder"},
+COMPONENT_DIRS = {"kl": {"vae": "vae", "text_encoder": "text_encoder"},
                    "vq": {"vae": "vqvae", "text_encoder": "bert"}}
 # Prompt length LDMTextToImagePipeline.__call__ pads to.
 _LDM_PIPELINE_MAX_LENGTH = 77
@@ -129,7 +129,7 @@ def copy_tokenizer(source: str, dest: str, max_length: Optional[int] = None) -> 
       config = json.load(f)
     if config.get("model_max_length") != max_length:
       config["model_max_length"] = max_length
-      _write_json(config_path, config)
+      write_json(config_path, config)
   return dest
 
 
@@ -242,12 +242,18 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
   Raises:
     ExportError: the bundle has no diffusers equivalent (no CLIP text encoder or no tokenizer);
       the message points to the native format.
+
+  A class-conditional bundle whose classes reach the UNet only through its class embedding is
+  written as diffusers components instead (interop/export_class_diffusers.py).
   """
+  if bundle.conditioner is not None:
+    from latent_diffusion_jax.interop.export_class_diffusers import export_class_conditional
+    return export_class_conditional(bundle, out_dir, dtype=dtype, scheduler=scheduler)
   check_diffusers_compatible(bundle)
   numpy_dtype(dtype)
   sched_cfg = scheduler_config(bundle.diffusion, scheduler)
   kind = bundle.first_stage_kind
-  dirs = _COMPONENT_DIRS[kind]
+  dirs = COMPONENT_DIRS[kind]
   if kind == "vq" and bundle.max_length != _LDM_PIPELINE_MAX_LENGTH:
     logging.warning("LDMTextToImagePipeline.__call__ pads prompts to %d tokens, but this text "
                     "encoder takes %d: call its components (or our sampler) instead of the "
@@ -269,22 +275,16 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
        "diffusion_pytorch_model.safetensors"),
       ("text_encoder", dirs["text_encoder"], text_cfg, text_sd, "model.safetensors"),
   )
-  for name, subdir, cfg, state_dict, filename in parts:
-    sub = os.path.join(out_dir, subdir)
-    os.makedirs(sub, exist_ok=True)
-    _write_json(os.path.join(sub, "config.json"), cfg)
-    save_safetensors(cast_state_dict(state_dict, dtype), os.path.join(sub, filename),
-                     header_metadata(bundle, cfg))
-    written[name] = sub
+  written.update(write_components(bundle, out_dir, parts, dtype))
 
   written["tokenizer"] = copy_tokenizer(bundle.tokenizer_path, os.path.join(out_dir, "tokenizer"),
                                         bundle.max_length)
   os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
   written["scheduler"] = os.path.join(out_dir, "scheduler", "scheduler_config.json")
-  _write_json(written["scheduler"], sched_cfg)
+  write_json(written["scheduler"], sched_cfg)
   written["model_index"] = os.path.join(out_dir, "model_index.json")
   if kind == "vq":
-    _write_json(written["model_index"], {
+    write_json(written["model_index"], {
         "_class_name": PIPELINES["vq"],
         "vqvae": ["diffusers", "VQModel"],
         "bert": ["transformers", "CLIPTextModel"],
@@ -293,7 +293,7 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
         "scheduler": ["diffusers", sched_cfg["_class_name"]],
     })
     return written
-  _write_json(written["model_index"], {
+  write_json(written["model_index"], {
       "_class_name": PIPELINES["kl"],
       "unet": ["diffusers", "UNet2DConditionModel"],
       "vae": ["diffusers", "AutoencoderKL"],
@@ -308,7 +308,21 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
   return written
 
 
-def _write_json(path: str, value: Any) -> None:
+def write_components(bundle: ModelBundle, out_dir: str, parts, dtype: str) -> Dict[str, str]:
+  """Writes (name, subdir, config, state dict, filename) parts as diffusers/transformers
+  component directories; returns name -> directory."""
+  written = {}
+  for name, subdir, cfg, state_dict, filename in parts:
+    sub = os.path.join(out_dir, subdir)
+    os.makedirs(sub, exist_ok=True)
+    write_json(os.path.join(sub, "config.json"), cfg)
+    save_safetensors(cast_state_dict(state_dict, dtype), os.path.join(sub, filename),
+                     header_metadata(bundle, cfg))
+    written[name] = sub
+  return written
+
+
+def write_json(path: str, value: Any) -> None:
   with open(path, "w", encoding="utf-8") as f:
     json.dump(value, f, indent=2, sort_keys=True)
     f.write("\n")

@@ -8,6 +8,8 @@ first stage, and loads back bit-identically:
   out_dir/unet.safetensors         flat keys "down_blocks_0/resnets_0/conv1/kernel", Flax layouts
   out_dir/vae.safetensors
   out_dir/text_encoder.safetensors (when the model has one)
+  out_dir/conditioner.safetensors  (a trained non-text conditioner: class labels, layouts, a
+                                   user's; config.json's "conditioner" rebuilds it)
   out_dir/tokenizer/               (when the bundle has one)
 """
 
@@ -98,11 +100,20 @@ def export_native(bundle: ModelBundle, out_dir: str, *, dtype: Optional[str] = N
     networks["text_encoder"] = (bundle.text_encoder, bundle.text_encoder_params)
   config = {
       "format": FORMAT, "version": __version__,
-      "networks": {name: module_config(module) for name, (module, _) in networks.items()},
+      "networks": {name: module_config(module) for name, (module, _) in networks.items()
+                   if module is not None},
       "diffusion": bundle.diffusion.to_dict(), "scaling_factor": float(bundle.scaling_factor),
       "image_size": int(bundle.image_size), "max_length": int(bundle.max_length),
       "metadata": json.loads(json.dumps(bundle.metadata, default=str)),
   }
+  conditioner = bundle.conditioner
+  if conditioner is not None:
+    if not conditioner.config:
+      raise UserInputError(f"The bundle's {conditioner.kind!r} conditioner carries no config "
+                           "(build it with models.build.build_conditioner) and cannot be exported.")
+    config["conditioner"] = json.loads(conditioner.config)
+    if bundle.conditioner_params:
+      networks["conditioner"] = (None, bundle.conditioner_params)
   written = {"config": os.path.join(out_dir, "config.json")}
   with open(written["config"], "w", encoding="utf-8") as f:
     json.dump(config, f, indent=2, sort_keys=True)
@@ -111,8 +122,9 @@ def export_native(bundle: ModelBundle, out_dir: str, *, dtype: Optional[str] = N
     tensors = _flat(params)
     if dtype is not None:
       tensors = cast_state_dict(tensors, dtype)
+    described = config["networks"].get(name, config.get("conditioner"))
     written[name] = save_safetensors(tensors, os.path.join(out_dir, f"{name}.safetensors"),
-                                     header_metadata(bundle, config["networks"][name]))
+                                     header_metadata(bundle, described))
   if bundle.tokenizer_path is not None:
     written["tokenizer"] = copy_tokenizer(bundle.tokenizer_path, os.path.join(out_dir, "tokenizer"),
                                           bundle.max_length)
@@ -173,6 +185,17 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
     reference = _abstract(name, modules[name], config["max_length"])
     params[name] = _load_params(os.path.join(out_dir, f"{name}.safetensors"), reference,
                                 f"the {name} in {out_dir}")
+  conditioner, conditioner_params = None, None
+  if "conditioner" in config:
+    from latent_diffusion_jax.models.build import conditioner_from_config
+    dtype = overrides.get("dtype")
+    conditioner = conditioner_from_config(
+        json.dumps(config["conditioner"]), attention_impl=overrides.get("attention_impl"),
+        dtype=None if dtype is None else jnp.dtype(dtype).name)
+    path = os.path.join(out_dir, "conditioner.safetensors")
+    if conditioner.trainable and conditioner.has_params():
+      conditioner_params = _load_params(path, conditioner.abstract_params(),
+                                        f"the conditioner in {out_dir}")
   tokenizer = os.path.join(out_dir, "tokenizer")
   return ModelBundle(
       unet=modules["unet"], unet_params=params["unet"], vae=modules["vae"],
@@ -181,4 +204,5 @@ def load_native(out_dir: str, **overrides) -> ModelBundle:
       tokenizer_path=tokenizer if os.path.isdir(tokenizer) else None,
       scaling_factor=float(config["scaling_factor"]), diffusion=DiffusionSpec.from_dict(config["diffusion"]),
       image_size=int(config["image_size"]), max_length=int(config["max_length"]),
-      metadata={**config.get("metadata", {}), "source": out_dir})
+      metadata={**config.get("metadata", {}), "source": out_dir},
+      conditioner=conditioner, conditioner_params=conditioner_params)

@@ -1,5 +1,6 @@
 """Builds the networks of a latent diffusion model from a config (see latent_diffusion_jax/config.py)."""
 
+import dataclasses
 from typing import Any, Dict
 
 import flax.linen as nn
@@ -31,7 +32,13 @@ def _fields(cfg: mc.ConfigDict) -> Dict[str, Any]:
 
 
 def build_unet(model_cfg: mc.ConfigDict) -> UNet2DConditionModel:
-  return UNet2DConditionModel(**_fields(model_cfg.unet), **_common(model_cfg))
+  """The UNet of `model.unet`; a class conditioner with use_unet_class_embedding sets its
+  num_class_embeds to num_classes + 1 (the last row the null class)."""
+  fields = _fields(model_cfg.unet)
+  cond = model_cfg.get("conditioner")
+  if cond is not None and conditioner_kind(model_cfg) == "class" and cond.use_unet_class_embedding:
+    fields["num_class_embeds"] = int(cond.num_classes) + 1
+  return UNet2DConditionModel(**fields, **_common(model_cfg))
 
 
 def build_vae(model_cfg: mc.ConfigDict) -> AutoencoderKL:
@@ -119,6 +126,8 @@ def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:
   """The conditioner named by `model.text_encoder.kind`, or None for "none"."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel, LDMTextTransformer
   te = model_cfg.text_encoder
+  if conditioner_kind(model_cfg) not in ("clip", "ldm_transformer"):
+    return None  # a non-text conditioner (model.conditioner.kind) or an unconditional model
   # model.text_encoder.max_length is the one source of the sequence length; configs stored by
   # earlier versions also carry it per encoder, with the same value.
   clip = {k: v for k, v in _fields(te.clip).items() if k != "max_position_embeddings"}
@@ -131,6 +140,92 @@ def build_text_encoder(model_cfg: mc.ConfigDict) -> nn.Module | None:
   if te.kind == "none":
     return None
   raise UserInputError(f"Unknown text_encoder.kind {te.kind!r}; valid: clip, ldm_transformer, none.")
+
+
+def conditioner_kind(model_cfg: mc.ConfigDict) -> str:
+  """`model.conditioner.kind`, or the text encoder's kind when it is "" (configs of text models
+  and runs stored before conditioners existed)."""
+  cond = model_cfg.get("conditioner")
+  kind = cond.kind if cond is not None else ""
+  return kind or model_cfg.text_encoder.kind
+
+
+def conditioner_config(model_cfg: mc.ConfigDict) -> str:
+  """JSON of what `build_conditioner` reads (model.conditioner, the context width, dtypes and the
+  attention kernel), from which `conditioner_from_config` rebuilds the same conditioner."""
+  import json
+  cond = model_cfg.get("conditioner")
+  return json.dumps({
+      "conditioner": cond.to_dict() if cond is not None else {"kind": ""},
+      "text_encoder_kind": model_cfg.text_encoder.kind,
+      "cross_attention_dim": int(model_cfg.unet.cross_attention_dim),
+      "dtype": model_cfg.dtype, "param_dtype": model_cfg.param_dtype,
+      "attention_impl": model_cfg.attention_impl}, sort_keys=True, default=list)
+
+
+def conditioner_from_config(text: str, **overrides):
+  """The conditioner `conditioner_config` describes (a non-text one); `overrides` may set dtype
+  (a name) and attention_impl."""
+  import json
+  d = json.loads(text)
+  d.update({k: v for k, v in overrides.items() if v is not None})
+  cond = d["conditioner"]
+  cond["class_names"] = tuple(cond.get("class_names", ()))
+  model_cfg = mc.ConfigDict({
+      "conditioner": cond, "text_encoder": {"kind": d["text_encoder_kind"]},
+      "unet": {"cross_attention_dim": d["cross_attention_dim"]}, "dtype": d["dtype"],
+      "param_dtype": d["param_dtype"], "attention_impl": d["attention_impl"]})
+  return build_conditioner(model_cfg)
+
+
+def build_conditioner(model_cfg: mc.ConfigDict, empty_ids=None):
+  """The run's conditioner (models/conditioners/), or None for an unconditional model.
+
+  Args:
+    model_cfg: the run's config.model.
+    empty_ids: the empty prompt's token ids (a text conditioner's null input), when known.
+  """
+  from latent_diffusion_jax.models.conditioners import registry
+  from latent_diffusion_jax.models.conditioners.text import text_conditioner
+  cond = model_cfg.get("conditioner")
+  kind = conditioner_kind(model_cfg)
+  width = model_cfg.unet.cross_attention_dim
+  dtype, param_dtype = dtype_of(model_cfg.dtype), dtype_of(model_cfg.param_dtype)
+  if cond is not None:
+    registry.import_user_module(cond.module)
+  if kind == "none":
+    return None
+  if kind in ("clip", "ldm_transformer") and model_cfg.text_encoder.kind != kind:
+    raise UserInputError(f"model.conditioner.kind={kind!r} needs model.text_encoder.kind={kind!r} "
+                         f"(it holds that encoder's settings), not {model_cfg.text_encoder.kind!r}.")
+  if kind not in ("clip", "ldm_transformer"):
+    return dataclasses.replace(_non_text_conditioner(model_cfg, kind, width, dtype, param_dtype),
+                               config=conditioner_config(model_cfg))
+  return text_conditioner(kind, build_text_encoder(model_cfg), model_cfg.text_encoder.trainable,
+                          context_width(model_cfg), empty_ids)
+
+
+def _non_text_conditioner(model_cfg, kind, width, dtype, param_dtype):
+  from latent_diffusion_jax.models.conditioners import registry
+  from latent_diffusion_jax.models.conditioners.class_embedder import class_conditioner
+  from latent_diffusion_jax.models.conditioners.layout import layout_conditioner
+  from latent_diffusion_jax.models.conditioners.precomputed import precomputed_conditioner
+  cond = model_cfg.conditioner
+  if kind == "class":
+    return class_conditioner(cond.num_classes, width, context=cond.class_context,
+                             unet_labels=cond.use_unet_class_embedding,
+                             class_names=tuple(cond.class_names), dtype=dtype,
+                             param_dtype=param_dtype)
+  if kind == "layout":
+    return layout_conditioner(cond.layout, cond.num_classes, tuple(cond.class_names), width,
+                              model_cfg.attention_impl, dtype, param_dtype)
+  if kind == "precomputed":
+    return precomputed_conditioner(cond.precomputed.width, cond.precomputed.length, width)
+  conditioner = registry.registered(kind)(model_cfg)
+  if conditioner.context_width != width:
+    raise UserInputError(f"The {kind!r} conditioner's context width {conditioner.context_width} must "
+                         f"equal model.unet.cross_attention_dim={width}.")
+  return conditioner
 
 
 def latent_size(model_cfg: mc.ConfigDict) -> int:
@@ -149,6 +244,9 @@ def context_width(model_cfg: mc.ConfigDict) -> int:
 def abstract_module_params(module: nn.Module, max_length: int = 1) -> Any:
   """Boxed param shapes of one of our networks (UNet, autoencoder, text encoder), via
   `jax.eval_shape`: nothing is allocated. `max_length` is a text encoder's sequence length."""
+  from latent_diffusion_jax.models.conditioners.base import Conditioner
+  if isinstance(module, Conditioner):
+    return module.abstract_params()
   key = jax.random.key(0)
   if hasattr(module, "cross_attention_dim"):  # a UNet
     # Param shapes do not depend on spatial size, so the smallest valid input keeps tracing cheap.
@@ -171,9 +269,13 @@ def abstract_params(config: mc.ConfigDict) -> Dict[str, Any]:
   model_cfg = config.model
   out = {"unet": abstract_module_params(build_unet(model_cfg)),
          "vae": abstract_module_params(build_first_stage(config))}
-  text = build_text_encoder(model_cfg)
-  if text is not None:
+  if conditioner_kind(model_cfg) in ("clip", "ldm_transformer"):
+    text = build_text_encoder(model_cfg)
     out["text_encoder"] = abstract_module_params(text, model_cfg.text_encoder.max_length)
+  else:
+    conditioner = build_conditioner(model_cfg)
+    if conditioner is not None and conditioner.module is not None:
+      out["conditioner"] = conditioner.abstract_params()
   return out
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL
+from latent_diffusion_jax.models.conditioners.base import Conditioner
 from latent_diffusion_jax.models.build import first_stage_kind, first_stage_latent_channels
 from latent_diffusion_jax.models.unet import UNet2DConditionModel
 from latent_diffusion_jax.models.vq import VQModel
@@ -49,6 +50,9 @@ class ModelBundle:
     image_size: the training resolution in pixels.
     max_length: the tokenizer/text-encoder sequence length.
     metadata: free-form provenance (config, step, version), written into exported files.
+    conditioner, conditioner_params: a non-text conditioner (class labels, layouts, precomputed
+      embeddings, a user's; models/conditioners/) and its params, or None (text models use
+      text_encoder; unconditional models have neither).
   """
   unet: UNet2DConditionModel
   unet_params: Any
@@ -62,6 +66,8 @@ class ModelBundle:
   image_size: int
   max_length: int = 77
   metadata: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  conditioner: Optional[Conditioner] = None
+  conditioner_params: Any = None
 
   def __post_init__(self):
     if not isinstance(self.diffusion, DiffusionSpec):

@@ -312,7 +312,8 @@ class CLIPTextModel(_CLIPTextFields):
         layer_norm_eps=self.layer_norm_eps, eos_token_id=self.eos_token_id)
 
 
-class _LDMBlock(nn.Module):
+class LDMBlock(nn.Module):
+  """A pre-LN bidirectional transformer block (the LDM conditioners' block; also the layout encoder's)."""
   heads: int
   head_dim: Optional[int]
   mlp_ratio: float
@@ -383,6 +384,6 @@ class LDMTextTransformer(nn.Module):
     x = x + layers.embed(self.max_length, self.width, axes=(None, "embed"), name="position_embedding",
                          **kw)(jnp.arange(input_ids.shape[1])[None])
     for i in range(self.depth):
-      x = _LDMBlock(self.heads, self.head_dim, self.mlp_ratio, self.attention_impl,
+      x = LDMBlock(self.heads, self.head_dim, self.mlp_ratio, self.attention_impl,
                     name=f"layers_{i}", **kw)(x)
     return TextEncoderOutput(layers.layer_norm(1e-5, name="final_layer_norm", **kw)(x), None)

@@ -19,7 +19,7 @@ trained on aspect-ratio buckets sampled at one of them); each size compiles once
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Dict, NamedTuple, Optional, Sequence
 
 from absl import logging
 import jax
@@ -48,15 +48,17 @@ _SD_SCHEDULER_DEFAULTS = {
 
 
 class SampleParams(NamedTuple):
-  """The parameters a sample function takes: one tree per network (None without text encoder)."""
+  """The parameters a sample function takes: one tree per network (None where a model has none)."""
   unet: Any
   vae: Any
   text_encoder: Any
+  conditioner: Any = None
 
 
 def bundle_params(bundle: ModelBundle) -> SampleParams:
   """The parameter trees of `bundle`, in the form `make_sample_fn` functions take."""
-  return SampleParams(bundle.unet_params, bundle.vae_params, bundle.text_encoder_params)
+  return SampleParams(bundle.unet_params, bundle.vae_params, bundle.text_encoder_params,
+                      bundle.conditioner_params)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +69,7 @@ class _Model:
   text_encoder: Any
   scaling_factor: float
   diffusion: DiffusionSpec
+  conditioner: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,9 +87,11 @@ class SampleFn:
 
   Args of the call:
     params: `SampleParams` (or the equivalent tuple).
-    cond: int32 token ids [B, L] for text models; int32 class labels [B] for class-conditional
-      models; for unconditional models any [B] array (unused).
-    uncond: like `cond`, the negative / empty prompt ids; ignored (pass None) without guidance.
+    cond: int32 token ids [B, L] for text models; the conditioner's fields {name: [B, ...]} for
+      models with a conditioner (models/conditioners/); int32 class labels [B] for
+      class-conditional UNets without one; for unconditional models any [B] array (unused).
+    uncond: like `cond`, the negative / empty prompt ids or the conditioner's null input;
+      ignored (pass None) without guidance.
     latents_T: float32 initial noise [B, h, w, c] in UNet units (scaled latents).
     rng: per-image PRNG keys [B, 2] (uint32), used by stochastic samplers (DDPM, DDIM eta > 0).
 
@@ -130,16 +135,21 @@ def _check_supported(bundle: ModelBundle) -> None:
         "supported by text-to-image sampling.")
   if bundle.text_encoder is not None and unet.num_class_embeds is not None:
     raise UserInputError("Models conditioned on both text and class labels are not supported.")
+  if bundle.conditioner is not None and bundle.conditioner.context_width != unet.cross_attention_dim:
+    raise UserInputError(f"The {bundle.conditioner.kind!r} conditioner's context width "
+                         f"{bundle.conditioner.context_width} is not the UNet's cross_attention_dim "
+                         f"{unet.cross_attention_dim}.")
 
 
 def _model_key(bundle: ModelBundle) -> _Model:
   return _Model(bundle.unet, bundle.vae, bundle.text_encoder, float(bundle.scaling_factor),
-                bundle.diffusion)
+                bundle.diffusion, bundle.conditioner)
 
 
 def _is_guided(bundle: ModelBundle, guidance_scale: float) -> bool:
-  # Class-conditional and unconditional models have no "empty prompt" to guide away from.
-  return bundle.text_encoder is not None and guidance_scale > 1
+  # Guidance needs a null condition: the empty prompt, or a conditioner's null input. A UNet
+  # with only its own class embedding (no conditioner) has none.
+  return (bundle.text_encoder is not None or bundle.conditioner is not None) and guidance_scale > 1
 
 
 def make_sample_fn(bundle: ModelBundle, *, sampler: str = "ddim", num_steps: int = 50,
@@ -189,6 +199,9 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
 
   def conditioning(params: SampleParams, cond):
     """(context [B, L, D], class labels [B] or None) for the UNet."""
+    if model.conditioner is not None:
+      out = model.conditioner.encode(params.conditioner, cond)
+      return out.context.astype(unet.dtype), (out.class_labels if unet.num_class_embeds else None)
     if model.text_encoder is not None:
       out = model.text_encoder.apply({"params": params.text_encoder}, cond)
       return out.context, None
@@ -296,9 +309,17 @@ def _host_noise(seed: int, indices: np.ndarray, shape: tuple) -> tuple:
 
 
 def _conditioning_inputs(bundle: ModelBundle, prompts: Sequence[str], negative_prompt,
-                         class_labels, guided: bool):
-  """Host arrays (cond [N, ...], uncond [N, ...] or None) for the sample function."""
+                         class_labels, guided: bool, layouts=None, conditions=None):
+  """Host arrays (cond [N, ...], uncond [N, ...] or None) for the sample function; dicts of the
+  conditioner's fields for models with a conditioner."""
   n = len(prompts)
+  if bundle.conditioner is not None:
+    cond = bundle.conditioner.sampling_inputs(n, class_labels=class_labels, layouts=layouts,
+                                              conditions=conditions)
+    return cond, (bundle.conditioner.null_inputs(n) if guided else None)
+  if layouts is not None or conditions is not None:
+    raise UserInputError("This model has no layout or embedding conditioner; layouts and "
+                         "conditions do not apply.")
   if bundle.text_encoder is None:
     if bundle.unet.num_class_embeds is None:
       if class_labels is not None:
@@ -384,7 +405,9 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
              class_labels: Optional[Sequence[int]] = None, output_type: str = "uint8",
              progress_fn: Optional[ProgressFn] = None,
              params: Optional[SampleParams] = None, height: Optional[int] = None,
-             width: Optional[int] = None, first_index: int = 0) -> np.ndarray:
+             width: Optional[int] = None, first_index: int = 0,
+             layouts: Optional[Sequence] = None,
+             conditions: Optional[Dict[str, np.ndarray]] = None) -> np.ndarray:
   """Samples one image per prompt.
 
   Args:
@@ -404,7 +427,14 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
       Parameters are replicated on it, unless `params` are given.
     initial_latents: optional float [N, h, w, c] noise in UNet units, replacing the seeded noise
       (for comparisons with other implementations).
-    class_labels: int class per image, for class-conditional models without text encoder.
+    class_labels: a class per image (index, or name when the model has class names), for
+      class-conditional models.
+    layouts: one layout per image for layout-to-image models: a list of (box, class) or
+      {"box": [x0, y0, x1, y1], "class": index or name} objects, optionally wrapped as
+      {"objects": [...]}; boxes are fractions of the image in [0, 1]
+      (models/conditioners/layout.py).
+    conditions: the conditioner's batch fields {name: [N, ...]} directly, e.g.
+      {"embeddings": [N, L, D]} for a model on precomputed embeddings, or a user conditioner's.
     output_type: "uint8" ([0, 255]) or "float" (float32 in [0, 1], before rounding).
     progress_fn: called as progress_fn(batches_done, num_batches, images_in_batch) after each
       batch's images reach the host.
@@ -434,10 +464,10 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
   shape = latent_shape(bundle, height, width)  # bad sizes fail before anything compiles
   sample_fn = make_sample_fn(bundle, sampler=sampler, num_steps=num_steps,
                              guidance_scale=guidance_scale, eta=eta)
-  if bundle.text_encoder is None and guidance_scale > 1:
-    logging.info("Text-free model: sampling without classifier-free guidance.")
+  if not sample_fn.guided and guidance_scale > 1:
+    logging.info("A model without a null condition: sampling without classifier-free guidance.")
   cond, uncond = _conditioning_inputs(bundle, prompts, negative_prompt, class_labels,
-                                      sample_fn.guided)
+                                      sample_fn.guided, layouts, conditions)
   if initial_latents is not None:
     initial_latents = np.asarray(initial_latents, np.float32)
     if initial_latents.shape != (n, *shape):
@@ -466,9 +496,10 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     latents, keys = _host_noise(seed, indices + first_index, shape)
     if initial_latents is not None:
       latents = initial_latents[rows]
-    args = [cond[rows], None if uncond is None else uncond[rows], latents, keys]
-    args = [_put(a, parallel.batch_sharding(mesh, np.ndim(a))) if a is not None else None
-            for a in args]
+    take = functools.partial(jax.tree.map, lambda a: np.asarray(a)[rows])
+    args = [take(cond), None if uncond is None else take(uncond), latents, keys]
+    args = [jax.tree.map(lambda a: _put(a, parallel.batch_sharding(mesh, np.ndim(a))), a)
+            if a is not None else None for a in args]
     out = sample_fn(params, *args)  # asynchronous: the next batch is dispatched before this one is read
     if pending is not None:
       collect(*pending)

@@ -3,7 +3,10 @@
 import time
 from typing import Callable, Optional, Sequence
 
+import numpy as np
+
 from latent_diffusion_jax.artifacts import loader
+from latent_diffusion_jax.sampling import conditions as conditions_lib
 from latent_diffusion_jax.core import images as images_lib
 from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
 from latent_diffusion_jax.core.errors import UserInputError
@@ -16,11 +19,13 @@ def read_prompts_file(path: str) -> list:
   return [line for line in lines if line and not line.startswith("#")]
 
 
-def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source | str",
+def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.Source | str",
                  negative_prompt: str = "", num_images_per_prompt: int = 1, seed: int = 0,
                  num_steps: int = 50, guidance_scale: float = 7.5, sampler: str = "ddim",
                  eta: float = 0.0, batch_size: Optional[int] = None,
                  height: Optional[int] = None, width: Optional[int] = None,
+                 class_labels: Optional[Sequence] = None, layouts: Optional[Sequence] = None,
+                 embeddings: Optional[np.ndarray] = None,
                  print_fn: Callable[[str], None] = print):
   """Loads a model, samples `num_images_per_prompt` images per prompt and writes them as PNGs.
 
@@ -32,14 +37,22 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
       see `generate` (height and width default to the model's image_size; settings.json
       records the sizes used).
     num_images_per_prompt: images per prompt (different seeds of the per-image noise).
+    class_labels, layouts, embeddings: the conditions of a model with a non-text conditioner
+      (indices or names; layouts as in `generate`; [n, L, D] stored embeddings), each in place
+      of prompts, `num_images_per_prompt` images each.
     print_fn: progress lines go here.
 
   Returns:
     `images.SavedImages` with the written paths.
   """
   prompts = list(prompts)
-  if not prompts:
-    raise UserInputError("No prompts: pass --prompt (repeatable) or --prompts_file.")
+  given = [name for name, v in (("prompts", prompts or None), ("class labels", class_labels),
+                                ("layouts", layouts), ("embeddings", embeddings)) if v is not None]
+  if not given:
+    raise UserInputError("Nothing to sample: pass prompts (--prompt, --prompts_file), class labels "
+                         "(--class_label), layouts (--layout) or --embeddings.")
+  if len(given) > 1:
+    raise UserInputError(f"Pass one kind of condition, got {' and '.join(given)}.")
   if num_images_per_prompt < 1:
     raise UserInputError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}.")
   # Fail on bad settings before spending time on loading the model.
@@ -47,7 +60,18 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
   bundle = loader.load_bundle(source)
   source = bundle.metadata["source"]
   height, width = check_size(bundle, height, width)
-  all_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+  k = num_images_per_prompt
+  conditions = {}
+  if class_labels is not None:
+    conditions["class_labels"] = conditions_lib.repeat(list(class_labels), k)
+    prompts = [f"class {c}" for c in class_labels]
+  elif layouts is not None:
+    conditions["layouts"] = conditions_lib.repeat(list(layouts), k)
+    prompts = [conditions_lib.layout_caption(layout) for layout in layouts]
+  elif embeddings is not None:
+    conditions["conditions"] = {"embeddings": np.repeat(np.asarray(embeddings), k, axis=0)}
+    prompts = [f"embedding {i}" for i in range(len(embeddings))]
+  all_prompts = conditions_lib.repeat(prompts, k)
   print_fn(f"Sampling {len(all_prompts)} images of {height}x{width}px from {source} "
            f"({sampler}, {num_steps} steps, guidance {guidance_scale}).")
 
@@ -62,11 +86,18 @@ def run_sampling(*, prompts: Sequence[str], out_dir: str, source: "loader.Source
 
   images = generate(bundle, all_prompts, negative_prompt=negative_prompt, seed=seed,
                     num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler, eta=eta,
-                    batch_size=batch_size, progress_fn=progress, height=height, width=width)
+                    batch_size=batch_size, progress_fn=progress, height=height, width=width,
+                    **conditions)
   settings = dict(seed=seed, sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale,
                   eta=eta, negative_prompt=negative_prompt,
                   num_images_per_prompt=num_images_per_prompt, batch_size=batch_size,
                   image_size=bundle.image_size, height=height, width=width, source=source)
+  if class_labels is not None:
+    settings["class_labels"] = [c if isinstance(c, str) else int(c) for c in class_labels]
+  if layouts is not None:
+    settings["layouts"] = list(layouts)
+  if embeddings is not None:
+    settings["embeddings_shape"] = list(np.shape(embeddings))
   saved = images_lib.save_images(images, out_dir, all_prompts, settings)
   print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
   return saved

@@ -2,8 +2,10 @@
 
 Frozen networks (the VAE, a frozen text encoder) arrive as the `frozen` argument and are never in
 the optimizer state. A batch holds latents as VAE moments ("moments") or pixels ("images", encoded
-here), and text as token ids ("input_ids", encoded here) or ready embeddings ("context"), plus
-optional "class_labels".
+here), plus the fields of the run's conditioner (models/conditioners/): text as token ids
+("input_ids", encoded here) or ready embeddings ("context"), "class_labels", a layout
+("layout_boxes", "layout_classes"), precomputed "embeddings", or a user conditioner's own.
+Caption dropout replaces a row's fields by the conditioner's null input (`frozen["null_inputs"]`).
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ import optax
 from latent_diffusion_jax.core import pixels
 from latent_diffusion_jax.diffusion import objectives, schedules
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
+from latent_diffusion_jax.models.conditioners.base import Conditioner, Conditioning
 from latent_diffusion_jax.training.state import TrainState
 from latent_diffusion_jax.training.update import accumulate_gradients, apply_update
 
@@ -27,8 +30,7 @@ class DiffusionTask:
   """The static pieces a train step closes over."""
   unet: nn.Module
   vae: AutoencoderKL
-  text_encoder: Optional[nn.Module]
-  text_trainable: bool
+  conditioner: Optional[Conditioner]
   schedule: schedules.NoiseSchedule
   prediction_type: str
   loss_weighting: str = "uniform"
@@ -79,39 +81,39 @@ def encode_latents(task: DiffusionTask, vae_params: Any, batch: Dict[str, jnp.nd
   return jax.lax.stop_gradient(DiagonalGaussian(moments).sample(rng))
 
 
-def _context(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
-             rng: jax.Array) -> Optional[jnp.ndarray]:
-  """Text context with caption dropout to the empty prompt (for classifier-free guidance)."""
-  if "context" in batch:
-    ctx = batch["context"]
-    if task.caption_dropout > 0:
-      drop = jax.random.bernoulli(rng, task.caption_dropout, (ctx.shape[0], 1, 1))
-      ctx = jnp.where(drop, frozen["uncond_context"][None].astype(ctx.dtype), ctx)
-    return ctx
-  if "input_ids" not in batch:
-    return None
-  ids = batch["input_ids"]
+def _conditioning(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
+                  rng: jax.Array, b: int) -> Conditioning:
+  """The conditioner's output on the batch, with caption dropout to its null input (for
+  classifier-free guidance); an all-zero length-1 context for unconditional models."""
+  cond = task.conditioner
+  if cond is None:  # ready embeddings as they are (benchmarks), or nothing to attend to
+    if "context" in batch:
+      return Conditioning(batch["context"])
+    return Conditioning(jnp.zeros((b, 1, task.unet.cross_attention_dim), jnp.float32))
+  inputs = {k: batch[k] for k in (*cond.fields, *cond.optional_fields) if k in batch}
   if task.caption_dropout > 0:
-    drop = jax.random.bernoulli(rng, task.caption_dropout, (ids.shape[0], 1))
-    ids = jnp.where(drop, frozen["uncond_ids"][None], ids)
-  te_params = params["text_encoder"] if task.text_trainable else frozen["text_encoder"]
-  out = task.text_encoder.apply({"params": te_params}, ids)
-  ctx = out.context
-  return ctx if task.text_trainable else jax.lax.stop_gradient(ctx)
+    drop = jax.random.bernoulli(rng, task.caption_dropout, (b,))
+    null = frozen["null_inputs"]
+    inputs = {k: jnp.where(drop.reshape((b,) + (1,) * (v.ndim - 1)), null[k].astype(v.dtype), v)
+              for k, v in inputs.items()}
+  cond_params = params.get(cond.param_key) if cond.trainable else frozen.get(cond.param_key)
+  out = cond.encode(cond_params, inputs)
+  return out if cond.trainable else jax.tree.map(jax.lax.stop_gradient, out)
 
 
 def _loss_fn(task: DiffusionTask, params: Any, frozen: Any, batch: Dict[str, jnp.ndarray],
              rng: jax.Array, scale_factor: jnp.ndarray):
   r_lat, r_t, r_noise, r_drop, r_dropout = jax.random.split(rng, 5)
   z = encode_latents(task, frozen["vae"], batch, r_lat) * scale_factor
-  ctx = _context(task, params, frozen, batch, r_drop)
   b = z.shape[0]
+  cond = _conditioning(task, params, frozen, batch, r_drop, b)
   t = jax.random.randint(r_t, (b,), 0, task.schedule.num_timesteps)
   noise = objectives.sample_noise(r_noise, z.shape, task.offset_noise)
   x_t = schedules.add_noise(task.schedule, z, noise, t)
-  if ctx is None:  # class-conditional / unconditional models still need a context argument
-    ctx = jnp.zeros((b, 1, task.unet.cross_attention_dim), x_t.dtype)
-  out = task.unet.apply({"params": params["unet"]}, x_t, t, ctx, batch.get("class_labels"),
+  labels = cond.class_labels if cond.class_labels is not None else batch.get("class_labels")
+  if task.unet.num_class_embeds is None:
+    labels = None
+  out = task.unet.apply({"params": params["unet"]}, x_t, t, cond.context, labels,
                         deterministic=False, rngs={"dropout": r_dropout})
   target = objectives.prediction_target(task.prediction_type, task.schedule, z, noise, t)
   weights = objectives.loss_weights(task.loss_weighting, task.prediction_type, task.schedule, t,
@@ -152,6 +154,13 @@ def init_train_state(params: Any, tx: optax.GradientTransformation, rng_seed: in
       ema_params=jax.tree.map(jnp.copy, params) if ema else None,
       rng=jax.random.key_data(jax.random.key(rng_seed)),
       nonfinite_skips=jnp.zeros((), jnp.int32))
+
+
+def null_inputs(conditioner: Optional[Conditioner]) -> Dict[str, np.ndarray]:
+  """The conditioner's null input for one example (leading dim dropped), for `frozen`."""
+  if conditioner is None:
+    return {}
+  return {k: v[0] for k, v in conditioner.null_inputs(1).items()}
 
 
 def empty_prompt_ids(tokenizer, max_length: int) -> np.ndarray:

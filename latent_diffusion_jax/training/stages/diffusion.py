@@ -8,6 +8,7 @@ resumed checkpoint's, model.latent_scale_factor, the frozen VAE's stored one, or
 on the first batches of the configured data), and optionally a fixed-seed sample grid hook.
 """
 
+import dataclasses
 from typing import Any, Dict, Optional
 
 import jax
@@ -28,28 +29,31 @@ from latent_diffusion_jax.training import frozen as frozen_lib
 from latent_diffusion_jax.training import startup
 from latent_diffusion_jax.training.diffusion_step import (DiffusionTask, empty_prompt_ids,
                                                           encode_latents, init_train_state,
-                                                          make_train_step)
+                                                          make_train_step, null_inputs)
 from latent_diffusion_jax.training.stages.base import Plan, Stage
 from latent_diffusion_jax.training.state import learning_rate_schedule, make_optimizer
+
+
+TEXT_KINDS = ("clip", "ldm_transformer")
 
 
 def make_schedule(config: mc.ConfigDict) -> schedules.NoiseSchedule:
   return DiffusionSpec.from_config(config.diffusion).noise_schedule()
 
 
-def build_init_fn(config: mc.ConfigDict, unet, text_encoder, tx):
-  """`init_fn(rng) -> TrainState` with boxed params (for sharded creation and restore targets)."""
-  te = config.model.text_encoder
+def build_init_fn(config: mc.ConfigDict, unet, conditioner, tx):
+  """`init_fn(rng) -> TrainState` with boxed params (for sharded creation and restore targets);
+  a trained conditioner's params sit beside the UNet's under its `param_key`."""
   size = build.latent_size(config.model)
 
   def init_fn(rng):
-    r_unet, r_text = jax.random.split(rng)
+    r_unet, r_cond = jax.random.split(rng)
     lat = jnp.zeros((1, size, size, unet.in_channels))
-    ctx = jnp.zeros((1, te.max_length if te.kind != "none" else 1, unet.cross_attention_dim))
+    ctx = jnp.zeros((1, 1, unet.cross_attention_dim))
     labels = (jnp.zeros((1,), jnp.int32),) if unet.num_class_embeds else ()
     params = {"unet": unet.init(r_unet, lat, jnp.zeros((1,), jnp.int32), ctx, *labels)["params"]}
-    if te.trainable:
-      params["text_encoder"] = text_encoder.init(r_text, jnp.zeros((1, te.max_length), jnp.int32))["params"]
+    if conditioner is not None and conditioner.trainable and conditioner.has_params():
+      params[conditioner.param_key] = conditioner.init(r_cond)
     return init_train_state(params, tx, config.seed, ema=config.optimizer.ema_decay > 0)
 
   return init_fn
@@ -57,8 +61,8 @@ def build_init_fn(config: mc.ConfigDict, unet, text_encoder, tx):
 
 def estimate_scale(config, vae, vae_params, batches, mesh) -> float:
   """1/std of unscaled latents over `training.scale_estimate_batches` batches."""
-  task = DiffusionTask(unet=None, vae=vae, text_encoder=None, text_trainable=False,
-                       schedule=None, prediction_type="epsilon")
+  task = DiffusionTask(unet=None, vae=vae, conditioner=None, schedule=None,
+                       prediction_type="epsilon")
   # Replicated output: every process reads all latents, so all estimate the same scale.
   fn = jax.jit(lambda p, b, r: encode_latents(task, p, b, r), out_shardings=startup.replicated(mesh))
   lats = [jax.device_get(fn(vae_params, b, jax.random.key(i)))
@@ -67,8 +71,10 @@ def estimate_scale(config, vae, vae_params, batches, mesh) -> float:
 
 
 def _check_widths(config: mc.ConfigDict) -> None:
+  if build.conditioner_kind(config.model) not in TEXT_KINDS:
+    return  # the other conditioners check their width when built
   width = build.context_width(config.model)
-  if config.model.text_encoder.kind != "none" and width != config.model.unet.cross_attention_dim:
+  if width != config.model.unet.cross_attention_dim:
     raise UserInputError(f"model.unet.cross_attention_dim={config.model.unet.cross_attention_dim} must "
                          f"equal the text encoder width {width}.")
 
@@ -86,7 +92,8 @@ def _check_buckets(config: mc.ConfigDict) -> None:
 def _frozen_from_pipeline(config: mc.ConfigDict) -> None:
   """Fine-tuning a diffusers pipeline: its vae/ (and CLIP text_encoder/, tokenizer/) fill the
   frozen.* keys the config leaves empty, so they match the imported UNet."""
-  keys = ["vae"] + (["text_encoder", "tokenizer"] if config.model.text_encoder.kind == "clip" else [])
+  keys = ["vae"] + (["text_encoder", "tokenizer"] if build.conditioner_kind(config.model) == "clip"
+                    else [])
   defaults = loader.pipeline_parts(config.training.init_checkpoint, keys)
   for key, path in defaults.items():
     if not config.frozen[key]:
@@ -103,9 +110,10 @@ class DiffusionStage(Stage):
     _check_widths(config)
     _check_buckets(config)
     te = config.model.text_encoder
+    kind = build.conditioner_kind(config.model)
     _frozen_from_pipeline(config)
     self.tokenizer = None
-    if te.kind != "none":
+    if kind in TEXT_KINDS:
       from latent_diffusion_jax.data.tokenizers import load_tokenizer, prepare_run_tokenizer
       self.tokenizer = load_tokenizer(prepare_run_tokenizer(config, workdir))
       if te.kind == "ldm_transformer" and len(self.tokenizer) > te.ldm.vocab_size:
@@ -115,15 +123,18 @@ class DiffusionStage(Stage):
     self.text_encoder, self.text_params = frozen_lib.load_text_encoder(config)
     frozen_lib.log_frozen(self.vae_params, self.text_params)
     self.unet = build.build_unet(config.model)
+    empty = None if self.tokenizer is None else empty_prompt_ids(self.tokenizer, te.max_length)
+    self.conditioner = build.build_conditioner(config.model, empty_ids=empty)
+    if self.text_encoder is not None:  # the loaded (frozen) or configured text encoder
+      self.conditioner = dataclasses.replace(self.conditioner, module=self.text_encoder)
     steps = config.training.num_steps
     self.tx, self.lr = make_optimizer(config.optimizer, steps), learning_rate_schedule(config.optimizer, steps)
     d = config.diffusion
     self.task = DiffusionTask(
-        unet=self.unet, vae=self.vae, text_encoder=self.text_encoder, text_trainable=te.trainable,
-        schedule=make_schedule(config), prediction_type=d.prediction_type,
+        unet=self.unet, vae=self.vae, conditioner=self.conditioner, schedule=make_schedule(config), prediction_type=d.prediction_type,
         loss_weighting=d.loss_weighting, min_snr_gamma=d.min_snr_gamma, offset_noise=d.offset_noise,
         caption_dropout=d.caption_dropout, num_buckets=config.training.loss_buckets)
-    self.init_fn = build_init_fn(config, self.unet, self.text_encoder, self.tx)
+    self.init_fn = build_init_fn(config, self.unet, self.conditioner, self.tx)
     self.trained = {"unet": self.unet}
     if te.trainable and self.text_encoder is not None:
       self.trained["text_encoder"] = self.text_encoder
@@ -153,8 +164,8 @@ class DiffusionStage(Stage):
     frozen: Dict[str, Any] = {"vae": self.vae_params}
     if self.text_params is not None:
       frozen["text_encoder"] = self.text_params
-    if self.tokenizer is not None and config.diffusion.caption_dropout > 0:
-      frozen["uncond_ids"] = empty_prompt_ids(self.tokenizer, te.max_length)
+    if self.conditioner is not None and config.diffusion.caption_dropout > 0:
+      frozen["null_inputs"] = null_inputs(self.conditioner)
     frozen = startup.put_replicated(frozen, self.mesh)
     self.scale = self._latent_scale(meta, frozen["vae"])
     logging.info("Latent scale factor %.6f", self.scale)
