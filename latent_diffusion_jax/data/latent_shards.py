@@ -380,7 +380,8 @@ def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
                          f"expects {[size, size, channels]} (model.image_size / VAE); encode at "
                          "this size.")
   te = config.model.text_encoder
-  if te.kind != "none" and manifest["max_length"] != te.max_length:
+  if build.conditioner_kind(config.model) in ("clip", "ldm_transformer") and (
+      manifest["max_length"] != te.max_length):
     raise UserInputError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
                      f"model.text_encoder.max_length is {te.max_length}.")
   if (tokenizer is not None
@@ -444,7 +445,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
   pi, pc, mine = host_files(files, global_batch, "latent shards", process_index, process_count)
   host_counts = counts[pi::pc]
   use_context = bool(config.data.use_text_embeddings)
-  keep_ids = config.model.text_encoder.kind != "none" and not use_context
+  from latent_diffusion_jax.models.build import conditioner_kind
+  keep_ids = conditioner_kind(config.model) in ("clip", "ldm_transformer") and not use_context
 
   field = stored_field(manifest)
   def postprocess(batch: dict) -> dict:

@@ -134,7 +134,7 @@ class Preprocessing:
   def from_config(cls, config) -> "Preprocessing":
     e = config.encode
     return cls(resolution=e.resolution or config.model.image_size, crop=e.crop, seed=config.seed,
-               require_caption=config.model.text_encoder.kind != "none",
+               require_caption=reads_text(config),
                min_image_size=e.min_image_size, max_aspect_ratio=e.max_aspect_ratio,
                max_watermark=e.max_watermark, max_unsafe=e.max_unsafe,
                min_similarity=e.min_similarity,
@@ -163,6 +163,12 @@ class Preprocessing:
     if self.embedding_shape:
       out["embedding_shape"] = list(self.embedding_shape)
     return out
+
+
+def reads_text(config) -> bool:
+  """Whether the model is conditioned on captions (a text conditioner), so samples need one."""
+  from latent_diffusion_jax.models.build import conditioner_kind
+  return conditioner_kind(config.model) in ("clip", "ldm_transformer")
 
 
 def condition_fields(config) -> dict:

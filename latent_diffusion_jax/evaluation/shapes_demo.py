@@ -80,13 +80,14 @@ def evaluate(bundle, *, task: str = "caption", images_per_combination: int = 8,
     names: List[str] = prompts
   elif task == "class":
     labels = class_requests(images_per_class)
-    images = generate(bundle, None, class_labels=labels, batch_size=_batch_size(len(labels)),
-                      **settings)
+    # Text-free models take one empty prompt per image (only their number matters).
+    images = generate(bundle, [""] * len(labels), class_labels=labels,
+                      batch_size=_batch_size(len(labels)), **settings)
     scores = class_fidelity(images, labels)
     names = [shapes.class_name(label) for label in labels]
   else:
-    requests = layout_requests(num_layouts, max_boxes=bundle_max_boxes(bundle))
-    images = generate(bundle, None, layouts=requests["layouts"],
+    requests = layout_requests(num_layouts)
+    images = generate(bundle, [""] * num_layouts, layouts=requests["layouts"],
                       batch_size=_batch_size(num_layouts), **settings)
     scores = layout_fidelity(images, requests["layout_boxes"], requests["layout_classes"])
     names = [" and ".join(shapes.class_name(c) for _, c in layout)
@@ -99,15 +100,6 @@ def evaluate(bundle, *, task: str = "caption", images_per_combination: int = 8,
     with open(os.path.join(out_dir, f"{task}_fidelity.json"), "w") as f:
       json.dump({**scores, "per_example": per_example}, f, indent=1, default=str)
   return scores
-
-
-def bundle_max_boxes(bundle) -> int:
-  """The layout conditioner's box count M (padding rows fill the layouts up to it)."""
-  config = getattr(bundle, "config", None)
-  try:
-    return int(config.model.conditioner.layout.max_boxes)
-  except AttributeError:
-    return shapes_layout.MAX_OBJECTS
 
 
 def summary_line(scores: Dict[str, Any]) -> str:
