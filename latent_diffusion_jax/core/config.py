@@ -306,6 +306,10 @@ def base_config() -> mc.ConfigDict:
   c.data.control_member = ""
   # Shapes captions without the position phrase ("a red circle"): the control map gives it.
   c.data.drop_position_words = False
+  # data.kind="shapes": "single" (one shape per image, captions; batches also carry its class in
+  # "class_labels") or "layout" (1 to 3 shapes anywhere; "layout_boxes" [M, 4] and
+  # "layout_classes" [M], M = model.conditioner.layout.max_boxes, data/shapes_layout.py).
+  c.data.shapes_variant = "single"
   # Stage 2: encode the dataset once with the frozen VAE and train on the stored moments, instead
   # of running the encoder in every step.
   c.data.pre_encode = True
@@ -329,6 +333,13 @@ def base_config() -> mc.ConfigDict:
   c.encode.storage_dtype = "float16"
   # Also store the frozen CLIP text encoder's output (float16) next to the token ids.
   c.encode.store_text_embeddings = False
+  # WebDataset member holding each sample's class label as an integer in text (e.g. "cls" for
+  # KEY.cls), stored as "class_labels"; "" stores none. A sample without it is skipped.
+  c.encode.class_field = ""
+  # WebDataset member holding a precomputed embedding [L, D] written by np.save (e.g. "npy"),
+  # stored (float16) as "embeddings"; [L, D] must equal model.conditioner.precomputed
+  # (length, width). "" stores none. A sample without it is skipped.
+  c.encode.embedding_field = ""
   # Filters; each is off at its default. Images whose shorter side is below this (pixels).
   c.encode.min_image_size = 0
   # Images whose long/short side ratio exceeds this; <= 0 disables.

@@ -3,7 +3,8 @@
 By `data.kind`:
   shapes          the embedded dataset, in memory (`load_shapes_split`); with `data.pre_encode` and
                   a VAE the images are encoded once and batches carry "moments" (KL) or
-                  "latents" (VQ: pre-quantization latents).
+                  "latents" (VQ: pre-quantization latents). Batches also carry "class_labels"
+                  (data.shapes_variant="single") or "layout_boxes" / "layout_classes" ("layout").
   latent_shards   pre-encoded "moments" + "input_ids" (data/latent_shards.py); stage 2 only.
   webdataset      raw tar shards: "images" (+ "input_ids" with a tokenizer), data/webdataset.py.
 
@@ -23,20 +24,30 @@ from latent_diffusion_jax.core import parallel
 from latent_diffusion_jax.core.errors import UserInputError
 
 DATA_KINDS = ("shapes", "latent_shards", "webdataset")
+SHAPES_VARIANTS = ("single", "layout")
 
 
 def load_shapes_split(config: mc.ConfigDict, workdir: str, tokenizer, split: str
                       ) -> Dict[str, np.ndarray]:
-  """{"images"[, "input_ids"][, "control"]} of a split of the embedded dataset, generated into
-  `data.data_dir` (default `<workdir>/tfds`) on first use; token ids when a tokenizer is given
-  (without position words with `data.drop_position_words`), the `data.control` hint when set."""
+  """A split of the embedded dataset, generated into `data.data_dir` (default `<workdir>/tfds`) on
+  first use: {"images", "class_labels"} for `data.shapes_variant` "single", {"images",
+  "layout_boxes", "layout_classes"} for "layout"; plus "input_ids" when a tokenizer is given
+  (without position words with `data.drop_position_words`) and the `data.control` hint when set."""
   from latent_diffusion_jax.data import shapes_source
   from latent_diffusion_jax.data.tokenizers import tokenize
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  arrays = shapes_source.load_split(data_dir, split, num_train=config.data.num_train,
-                                    num_test=config.data.num_test, image_size=config.model.image_size,
-                                    seed=config.seed)
-  out = {"images": arrays["images"]}
+  variant = config.data.get("shapes_variant", "single")
+  sizes = dict(num_train=config.data.num_train, num_test=config.data.num_test,
+               image_size=config.model.image_size, seed=config.seed)
+  if variant == "single":
+    arrays = shapes_source.load_split(data_dir, split, **sizes)
+    out = {"images": arrays["images"], "class_labels": arrays["class_labels"]}
+  elif variant == "layout":
+    arrays = shapes_source.load_layout_split(
+        data_dir, split, max_boxes=config.model.conditioner.layout.max_boxes, **sizes)
+    out = {k: arrays[k] for k in ("images", "layout_boxes", "layout_classes")}
+  else:
+    raise UserInputError(f"Unknown data.shapes_variant {variant!r}; valid: {', '.join(SHAPES_VARIANTS)}.")
   captions = list(arrays["captions"])
   if config.data.get("control") or config.data.get("drop_position_words"):
     from latent_diffusion_jax.data import control

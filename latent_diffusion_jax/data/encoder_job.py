@@ -182,6 +182,11 @@ def _job_description(config, prep: wds.Preprocessing, encoder: BatchEncoder, tok
         {"size": [h, w], f"{encoder.field}_shape":
          list(encoder.output_shapes(h, max_length, width=w)[encoder.field])}
         for h, w in prep.buckets]
+  # Stored conditions (encode.class_field / embedding_field); absent keys keep older jobs resumable.
+  if prep.class_field:
+    job["class_field"] = prep.class_field
+  if prep.embedding_field:
+    job["embeddings_shape"] = list(prep.embedding_shape)
   # KL jobs keep the keys of the jobs written before VQ support, so those resume unchanged.
   if encoder.first_stage != "kl":
     job["first_stage"] = encoder.first_stage
@@ -226,7 +231,8 @@ class _ShardEncoder:
     self.config, self.encoder, self.tokenizer = config, encoder, tokenizer
     self.output_dir, self.after_shard = output_dir, after_shard
     self.max_length = config.model.text_encoder.max_length
-    self.buckets = wds.Preprocessing.from_config(config).buckets
+    self.prep = wds.Preprocessing.from_config(config)
+    self.buckets = self.prep.buckets
     # Indexed like the records' "shard" field: position in `todo`.
     self.shards = [_Shard(_new_stats(files[i], names[i])) for i in todo]
     # Kept records waiting for a full batch, by bucket (-1 without buckets).
@@ -263,7 +269,8 @@ class _ShardEncoder:
         pixels = pixels[:height, :width]
       self.buffers.setdefault(bucket, []).append({
           "shard": shard, "key": key, "caption": caption, "pixels": pixels, "input_ids": row_ids,
-          "original_size": chunk["original_size"][j], "crop_offset": chunk["crop_offset"][j]})
+          "original_size": chunk["original_size"][j], "crop_offset": chunk["crop_offset"][j],
+          "class_label": int(chunk["class_label"][j]), "embedding": chunk["embedding"][j]})
     for bucket, buffer in self.buffers.items():
       while len(buffer) >= self.encoder.batch_size:
         self._dispatch(bucket, self.encoder.batch_size)
@@ -322,14 +329,18 @@ class _ShardEncoder:
     self.inflight = None
     outputs = jax.device_get(outputs)
     contexts = outputs.get("context", [None] * len(records))
+    prep = self.prep
     for i, r in enumerate(records):
       shard = r["shard"]
       writer = self._writer(shard, bucket)
       field = self.encoder.field
+      embeddings = (np.frombuffer(r["embedding"], np.float16).reshape(prep.embedding_shape)
+                    if prep.embedding_field else None)
       writer.write(ls.serialize_example(
           key=r["key"], caption=r["caption"], **{field: outputs[field][i]},
           input_ids=r["input_ids"], original_size=r["original_size"],
-          crop_offset=r["crop_offset"], context=contexts[i]))
+          crop_offset=r["crop_offset"], context=contexts[i],
+          class_label=r["class_label"] if prep.class_field else None, embeddings=embeddings))
       sums = shard.stats["latent_sums"]
       sums[0] += float(outputs["latent_sums"][i, 0])
       sums[1] += float(outputs["latent_sums"][i, 1])

@@ -16,9 +16,13 @@ Per example (tf.train.Example features):
   context, context_shape  optional: float16 bytes of the frozen text encoder's output [L, D]
   original_size           int64 [2] (height, width) before resizing
   crop_offset             int64 [2] (top, left) of the crop in the resized image
+  class_label             optional (encode.class_field): int64 [1], the sample's class
+  embeddings,             optional (encode.embedding_field): float16 bytes of a precomputed
+  embeddings_shape        embedding [L, D] of any external encoder
 
 The manifest says which: `first_stage` "vq" with `latents_shape`, or (absent: "kl", as every
-directory written before VQ support) `moments_shape`. Batches carry the field of the same name,
+directory written before VQ support) `moments_shape`. Stored conditions show as the manifest's
+`class_field` and `embeddings_shape`; the reader then yields "class_labels" and "embeddings". Batches carry the field of the same name,
 which `training.diffusion_step.encode_latents` reads. A directory encoded with aspect-ratio buckets
 (`data.buckets`) has instead a "buckets" list ({"size": [h, w], "moments_shape" or
 "latents_shape"}) and one file per input shard and bucket; its reader is data/bucketed_shards.py.
@@ -79,7 +83,8 @@ def _ints(values) -> tf.train.Feature:
 def serialize_example(*, key: str, caption: str, input_ids: np.ndarray,
                       original_size: Sequence[int], crop_offset: Sequence[int],
                       moments: Optional[np.ndarray] = None, latents: Optional[np.ndarray] = None,
-                      context: Optional[np.ndarray] = None) -> bytes:
+                      context: Optional[np.ndarray] = None, class_label: Optional[int] = None,
+                      embeddings: Optional[np.ndarray] = None) -> bytes:
   """One encoded sample as a serialized tf.train.Example (layout in the module docstring).
 
   Exactly one of `moments` (KL first stage) and `latents` (VQ first stage) is given.
@@ -97,6 +102,11 @@ def serialize_example(*, key: str, caption: str, input_ids: np.ndarray,
   if context is not None:
     features["context"] = _bytes(np.ascontiguousarray(context, np.float16).tobytes())
     features["context_shape"] = _ints(context.shape)
+  if class_label is not None:
+    features["class_label"] = _ints([class_label])
+  if embeddings is not None:
+    features["embeddings"] = _bytes(np.ascontiguousarray(embeddings, np.float16).tobytes())
+    features["embeddings_shape"] = _ints(embeddings.shape)
   return tf.train.Example(features=tf.train.Features(feature=features)).SerializeToString()
 
 
@@ -117,6 +127,11 @@ def parse_example(serialized: bytes) -> Dict[str, Any]:
   if "context" in f:
     out["context"] = np.frombuffer(f["context"].bytes_list.value[0], np.float16).reshape(
         f["context_shape"].int64_list.value)
+  if "class_label" in f:
+    out["class_label"] = int(f["class_label"].int64_list.value[0])
+  if "embeddings" in f:
+    out["embeddings"] = np.frombuffer(f["embeddings"].bytes_list.value[0], np.float16).reshape(
+        f["embeddings_shape"].int64_list.value)
   return out
 
 
@@ -191,7 +206,8 @@ def resolve_shards(pattern: str) -> Tuple[List[str], List[int], dict]:
   first, *others = manifests.values()
   for other in others:
     for field in ("first_stage", "storage_dtype", "moments_shape", "latents_shape", "max_length",
-                  "context_shape", "vae_fingerprint", "tokenizer_fingerprint", "buckets"):
+                  "context_shape", "vae_fingerprint", "tokenizer_fingerprint", "buckets",
+                  "class_field", "embeddings_shape"):
       if other.get(field) != first.get(field):
         raise UserInputError(f"Latent shard directories disagree on {field}: {first.get(field)} vs "
                          f"{other.get(field)}.")
@@ -223,6 +239,8 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
                    moments_shape: Optional[Sequence[int]] = None,
                    latents_shape: Optional[Sequence[int]] = None,
                    context_shape: Optional[Sequence[int]] = None,
+                   class_labels: bool = False,
+                   embeddings_shape: Optional[Sequence[int]] = None,
                    with_metadata: bool = False, process_index: int = 0,
                    shuffle_buffer: int = 10_000, files_per_window: int = 16,
                    prefetch: int = 2) -> tf.data.Dataset:
@@ -237,6 +255,9 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
       leaves text embeddings out.
     moments_shape, latents_shape: the shape of the stored encodings, exactly one given: KL
       moments or VQ latents (the manifest's `first_stage` says which).
+    class_labels: also return the stored "class_labels" (int32 [B]).
+    embeddings_shape: [L, D] of the stored precomputed embeddings, returned as "embeddings"
+      (float32 [B, L, D]); None leaves them out.
     with_metadata: also return key, caption, original_size, crop_offset.
     process_index: this host's index (decorrelates hosts' orders).
     shuffle_buffer: examples in each window's shuffle buffer.
@@ -270,6 +291,10 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
           "input_ids": tf.io.FixedLenFeature([max_length], tf.int64)}
   if context_shape is not None:
     spec["context"] = tf.io.FixedLenFeature([], tf.string)
+  if class_labels:
+    spec["class_label"] = tf.io.FixedLenFeature([1], tf.int64)
+  if embeddings_shape is not None:
+    spec["embeddings"] = tf.io.FixedLenFeature([], tf.string)
   if with_metadata:
     spec.update(key=tf.io.FixedLenFeature([], tf.string),
                 caption=tf.io.FixedLenFeature([], tf.string),
@@ -283,6 +308,11 @@ def latent_dataset(files: Sequence[str], counts: Sequence[int], *, local_batch: 
     out["input_ids"] = tf.cast(f["input_ids"], tf.int32)
     if context_shape is not None:
       out["context"] = tf.reshape(tf.io.decode_raw(f["context"], tf.float16), [-1, *context_shape])
+    if class_labels:
+      out["class_labels"] = tf.cast(out.pop("class_label")[:, 0], tf.int32)
+    if embeddings_shape is not None:
+      out["embeddings"] = tf.cast(tf.reshape(tf.io.decode_raw(f["embeddings"], tf.float16),
+                                             [-1, *embeddings_shape]), tf.float32)
     return out
 
   ds = plan.flat_map(window).batch(local_batch, drop_remainder=True)
@@ -297,8 +327,37 @@ def tokenizer_fingerprint(tokenizer) -> str:
   return h.hexdigest()[:16]
 
 
+def stored_conditions(manifest: dict) -> Dict[str, Any]:
+  """`latent_dataset` arguments for the conditions the shards hold (class labels, embeddings)."""
+  shape = manifest.get("embeddings_shape")
+  return {"class_labels": bool(manifest.get("class_field")),
+          "embeddings_shape": list(shape) if shape else None}
+
+
+def _check_conditions(config, manifest: dict) -> None:
+  """Refuses shards that lack what the configured conditioner reads."""
+  conditioner = config.model.get("conditioner")
+  kind = conditioner.kind if conditioner is not None else ""
+  source = config.data.latent_shards
+  if kind == "class" and not manifest.get("class_field"):
+    raise UserInputError(f"model.conditioner.kind='class' reads class_labels, but the latent shards "
+                         f"{source} hold none; encode them with encode.class_field (e.g. 'cls').")
+  if kind == "precomputed":
+    shape = manifest.get("embeddings_shape")
+    if not shape:
+      raise UserInputError(f"model.conditioner.kind='precomputed' reads embeddings, but the latent "
+                           f"shards {source} hold none; encode them with encode.embedding_field "
+                           "(e.g. 'npy').")
+    pre = conditioner.precomputed
+    if list(shape) != [pre.length, pre.width]:
+      raise UserInputError(f"The latent shards hold embeddings {list(shape)} [L, D]; "
+                           f"model.conditioner.precomputed has length={pre.length}, "
+                           f"width={pre.width}: set them to {shape[0]} and {shape[1]}.")
+
+
 def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
   from latent_diffusion_jax.models import build
+  _check_conditions(config, manifest)
   kind, field = first_stage(manifest), stored_field(manifest)
   if kind != config.autoencoder.kind:
     raise UserInputError(
@@ -321,7 +380,8 @@ def _check_compatible(config, manifest: dict, tokenizer, vae_params) -> None:
                          f"expects {[size, size, channels]} (model.image_size / VAE); encode at "
                          "this size.")
   te = config.model.text_encoder
-  if te.kind != "none" and manifest["max_length"] != te.max_length:
+  if build.conditioner_kind(config.model) in ("clip", "ldm_transformer") and (
+      manifest["max_length"] != te.max_length):
     raise UserInputError(f"Latent shards hold {manifest['max_length']} token ids per caption, "
                      f"model.text_encoder.max_length is {te.max_length}.")
   if (tokenizer is not None
@@ -374,7 +434,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
 
   Returns:
     Batches of {"moments" (KL) or "latents" (VQ), "input_ids"} (or "context" with
-    data.use_text_embeddings), numpy.
+    data.use_text_embeddings), numpy, plus "class_labels" [B] and "embeddings" [B, L, D] when
+    the shards hold them (encode.class_field, encode.embedding_field).
   """
   if not config.data.latent_shards:
     raise UserInputError("data.kind='latent_shards' needs data.latent_shards: the output directory of "
@@ -384,7 +445,8 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
   pi, pc, mine = host_files(files, global_batch, "latent shards", process_index, process_count)
   host_counts = counts[pi::pc]
   use_context = bool(config.data.use_text_embeddings)
-  keep_ids = config.model.text_encoder.kind != "none" and not use_context
+  from latent_diffusion_jax.models.build import conditioner_kind
+  keep_ids = conditioner_kind(config.model) in ("clip", "ldm_transformer") and not use_context
 
   field = stored_field(manifest)
   def postprocess(batch: dict) -> dict:
@@ -404,7 +466,7 @@ def training_reader(config, global_batch: int, *, tokenizer=None, vae_params=Non
         storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
         context_shape=manifest["context_shape"] if use_context else None, process_index=pi,
         shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,
-        prefetch=config.data.prefetch)
+        prefetch=config.data.prefetch, **stored_conditions(manifest))
 
   return ResumableBatches(make_dataset, postprocess=postprocess, identity=identity,
                           advisory={"process_count": pc, "files": listing})
@@ -426,7 +488,7 @@ def _bucketed_reader(config, manifest, files, counts, field, global_batch, pi, p
         storage_dtype=manifest["storage_dtype"], max_length=manifest["max_length"],
         context_shape=manifest["context_shape"] if use_context else None, process_index=pi,
         shuffle_buffer=config.data.shuffle_buffer, files_per_window=config.data.files_per_window,
-        prefetch=config.data.prefetch)
+        prefetch=config.data.prefetch, **stored_conditions(manifest))
 
   def make_dataset(start_batch: int) -> tf.data.Dataset:
     return bucketed_shards.bucketed_dataset(plan, make_stream, start_batch)

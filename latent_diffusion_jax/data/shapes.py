@@ -10,6 +10,9 @@ optional size word:
              `include_size=True`)
 
 Captions read "a red triangle in the top left" or "a large red triangle in the top left".
+Every example is also one of 18 classes, color x shape (`class_index`, `class_name`: class
+`SHAPES.index(shape) * 6 + color index`, named "red circle"), for class-conditional models;
+data/shapes_layout.py draws images of several shapes with their boxes from the same renderer.
 
 The 12 (color, shape, position) combinations in `HELD_OUT_COMBINATIONS` never appear in "train"
 and are the only ones in "test", so sampling test captions measures generalization to unseen
@@ -39,6 +42,30 @@ POSITIONS: Tuple[str, ...] = ("top left", "top right", "bottom left", "bottom ri
 SIZES: Tuple[str, ...] = ("small", "large")
 BACKGROUND: Tuple[int, int, int] = (0, 0, 0)
 SPLITS: Tuple[str, ...] = ("train", "test")
+
+NUM_CLASSES = len(SHAPES) * len(COLORS)
+
+
+def class_index(color: str, shape: str) -> int:
+  """The class of a (color, shape) pair: `SHAPES.index(shape) * len(COLORS) + color's index`."""
+  if color not in COLORS or shape not in SHAPES:
+    raise UserInputError(f"Unknown class ({color!r}, {shape!r}); colors: {', '.join(COLORS)}; "
+                         f"shapes: {', '.join(SHAPES)}.")
+  return SHAPES.index(shape) * len(COLORS) + list(COLORS).index(color)
+
+
+def class_name(index: int) -> str:
+  """The name of class `index`, color then shape: `class_name(0)` is "red circle"."""
+  if not 0 <= int(index) < NUM_CLASSES:
+    raise UserInputError(f"Class index {index} is outside [0, {NUM_CLASSES}).")
+  shape, color = divmod(int(index), len(COLORS))
+  return f"{list(COLORS)[color]} {SHAPES[shape]}"
+
+
+def class_names() -> Tuple[str, ...]:
+  """All class names in index order (the `model.conditioner.class_names` of the shapes configs)."""
+  return tuple(class_name(i) for i in range(NUM_CLASSES))
+
 
 # Color c holds out (shape c % 3, position c % 4) and (shape (c + 1) % 3, position (c + 2) % 4).
 HELD_OUT_COMBINATIONS: Tuple[Tuple[str, str, str], ...] = (
@@ -95,9 +122,10 @@ def sample_attributes(rng: np.random.Generator, split: str) -> Dict[str, Any]:
     split: "train" or "test"; decides which combinations are allowed.
 
   Returns:
-    A dict with the caption attributes "color", "shape", "position", "size" (str) and the
+    A dict with the caption attributes "color", "shape", "position", "size" (str), the
     geometry "extent", "offset_y", "offset_x" (float, in units of the grid cell side; offsets
-    move the shape's bounding-box center away from the cell center).
+    move the shape's bounding-box center away from the cell center) and "class_label" (int,
+    `class_index(color, shape)`; drawing it takes nothing from `rng`).
   """
   choices = combinations(split)
   color, shape, position = choices[rng.integers(len(choices))]
@@ -106,7 +134,8 @@ def sample_attributes(rng: np.random.Generator, split: str) -> Dict[str, Any]:
   max_offset = (1.0 - extent) / 2 - _CELL_MARGIN
   offset_y, offset_x = rng.uniform(-max_offset, max_offset, size=2)
   return {"color": color, "shape": shape, "position": position, "size": size,
-          "extent": float(extent), "offset_y": float(offset_y), "offset_x": float(offset_x)}
+          "extent": float(extent), "offset_y": float(offset_y), "offset_x": float(offset_x),
+          "class_label": class_index(color, shape)}
 
 
 def caption(attributes: Dict[str, Any], include_size: bool = False) -> str:
@@ -128,10 +157,22 @@ def coverage(attributes: Dict[str, Any], image_size: int = 32) -> np.ndarray:
   center_x = (col + 0.5 + attributes["offset_x"]) * cell
   half = attributes["extent"] * cell / 2
 
+  return shape_coverage(attributes["shape"], center_y, center_x, half, image_size)
+
+
+def shape_coverage(shape: str, center_y: float, center_x: float, half: float,
+                   image_size: int) -> np.ndarray:
+  """Anti-aliased share [image_size, image_size] of each pixel covered by a shape.
+
+  Args:
+    shape: one of `SHAPES`.
+    center_y, center_x: center of the shape's square bounding box, in pixels from the top left.
+    half: half the bounding-box side, in pixels.
+    image_size: image side in pixels.
+  """
   n = image_size * _SUPERSAMPLE
   coords = (np.arange(n) + 0.5) / _SUPERSAMPLE
   y, x = coords[:, None], coords[None, :]
-  shape = attributes["shape"]
   if shape == "circle":
     inside = (y - center_y) ** 2 + (x - center_x) ** 2 <= half ** 2
   elif shape == "square":

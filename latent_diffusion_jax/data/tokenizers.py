@@ -222,7 +222,10 @@ def prepare_run_tokenizer(config, workdir: str) -> str:
     shutil.copytree(source, tmp)
   else:
     from latent_diffusion_jax.data import shapes
-    build_word_tokenizer(shapes.vocabulary(), tmp,
+    words = shapes.vocabulary()
+    if config.data.get("shapes_variant", "single") == "layout":  # "a red circle and a ..."
+      words += ("and",)  # last, so every other word keeps its id
+    build_word_tokenizer(words, tmp,
                                     model_max_length=config.model.text_encoder.max_length)
   try:
     os.rename(tmp, dest)

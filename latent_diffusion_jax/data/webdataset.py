@@ -17,11 +17,16 @@ Sample-level reasons (checked in this order; image reasons are in image_decode.p
   missing_metadata   an enabled metadata filter needs a field that the json lacks (a missing or
                      unparsable json counts as unknown metadata: kept unless a filter needs it).
   watermark / unsafe / low_similarity   the metadata filters.
+  missing_class / invalid_class           with encode.class_field: the member is absent, or not
+                     one integer >= 0 in text.
+  missing_embedding / invalid_embedding   with encode.embedding_field: the member is absent, or not
+                     a finite float array saved by np.save with the configured shape [L, D].
 Each shard ends with one `SHARD_END` record, so a consumer knows when a shard's samples are done.
 """
 
 import dataclasses
 import functools
+import io
 import json
 import math
 import posixpath
@@ -122,17 +127,23 @@ class Preprocessing:
   buckets: Tuple[Tuple[int, int], ...] = ()
   # A member decoded and cropped like the image, e.g. "control.png" (data.control_member); "" none.
   control_member: str = ""
+  # Members holding a class label and a precomputed embedding of shape `embedding_shape` [L, D]
+  # (encode.class_field, encode.embedding_field); "" reads none.
+  class_field: str = ""
+  embedding_field: str = ""
+  embedding_shape: Tuple[int, ...] = ()
 
   @classmethod
   def from_config(cls, config) -> "Preprocessing":
     e = config.encode
     return cls(resolution=e.resolution or config.model.image_size, crop=e.crop, seed=config.seed,
-               require_caption=config.model.text_encoder.kind != "none",
+               require_caption=reads_text(config),
                min_image_size=e.min_image_size, max_aspect_ratio=e.max_aspect_ratio,
                max_watermark=e.max_watermark, max_unsafe=e.max_unsafe,
                min_similarity=e.min_similarity,
                buckets=buckets_lib.parse_buckets(config.data.get("buckets", ())),
-               control_member=config.data.get("control_member", ""))
+               control_member=config.data.get("control_member", ""),
+               **condition_fields(config))
 
   @property
   def canvas(self) -> Tuple[int, int]:
@@ -151,7 +162,31 @@ class Preprocessing:
       out.pop("buckets")
     else:
       out["buckets"] = [list(b) for b in self.buckets]
+    # Likewise without stored conditions, so jobs written before them resume unchanged.
+    for key in ("class_field", "embedding_field", "embedding_shape"):
+      if not out[key]:
+        out.pop(key)
+    if self.embedding_shape:
+      out["embedding_shape"] = list(self.embedding_shape)
     return out
+
+
+def reads_text(config) -> bool:
+  """Whether the model is conditioned on captions (a text conditioner), so samples need one."""
+  from latent_diffusion_jax.models.build import conditioner_kind
+  return conditioner_kind(config.model) in ("clip", "ldm_transformer")
+
+
+def condition_fields(config) -> dict:
+  """The `Preprocessing` fields of encode.class_field / encode.embedding_field."""
+  e = config.encode
+  embedding_field = e.get("embedding_field", "")
+  shape = ()
+  if embedding_field:
+    pre = config.model.conditioner.precomputed
+    shape = (int(pre.length), int(pre.width))
+  return {"class_field": e.get("class_field", ""), "embedding_field": embedding_field,
+          "embedding_shape": shape}
 
 
 def _number(meta: dict, name: str) -> Optional[float]:
@@ -210,11 +245,47 @@ def check_sample(key: str, files: Dict[str, bytes],
   return "", "", files[ext], caption or "", original
 
 
+def check_conditions(files: Dict[str, bytes], prep: Preprocessing) -> Tuple[str, str, int, bytes]:
+  """Reads the class label and the embedding members a sample must have.
+
+  Returns:
+    (status, detail, class label or -1, embedding as float16 bytes or b""); status "" keeps it.
+  """
+  label, embedding = -1, b""
+  if prep.class_field:
+    if prep.class_field not in files:
+      return "missing_class", f"no .{prep.class_field} member", -1, b""
+    text = files[prep.class_field].decode("utf-8", errors="replace").strip()
+    try:
+      label = int(text)
+    except ValueError:
+      label = -1
+    if label < 0:
+      return "invalid_class", f".{prep.class_field}={text[:40]!r}", -1, b""
+  if prep.embedding_field:
+    if prep.embedding_field not in files:
+      return "missing_embedding", f"no .{prep.embedding_field} member", -1, b""
+    try:
+      array = np.load(io.BytesIO(files[prep.embedding_field]), allow_pickle=False)
+    except Exception as e:  # not an .npy file
+      return "invalid_embedding", f"not np.save output ({type(e).__name__})", -1, b""
+    if array.dtype.kind not in "fiu" or tuple(array.shape) != tuple(prep.embedding_shape):
+      return ("invalid_embedding", f"{array.dtype} {list(array.shape)}, expected float "
+              f"{list(prep.embedding_shape)} (model.conditioner.precomputed length, width)",
+              -1, b"")
+    stored = array.astype(np.float16)
+    if not np.isfinite(stored).all():
+      return "invalid_embedding", "non-finite values (in float16)", -1, b""
+    embedding = stored.tobytes()
+  return "", "", label, embedding
+
+
 _RECORD_SIGNATURE = {
     "shard": tf.TensorSpec([], tf.int32), "key": tf.TensorSpec([], tf.string),
     "status": tf.TensorSpec([], tf.string), "detail": tf.TensorSpec([], tf.string),
     "image": tf.TensorSpec([], tf.string), "caption": tf.TensorSpec([], tf.string),
     "original_size": tf.TensorSpec([2], tf.int32), "control": tf.TensorSpec([], tf.string),
+    "class_label": tf.TensorSpec([], tf.int64), "embedding": tf.TensorSpec([], tf.string),
 }
 
 
@@ -222,16 +293,23 @@ def _shard_records(path: bytes, index: int, prep: Preprocessing):
   path = path.decode("utf-8")
   control_ext = prep.control_member.lower()
   for key, files, error in iter_tar_samples(path):
+    label, embedding = -1, b""
     try:
       status, detail, image, caption, original = (
           (error, "", b"", "", (0, 0)) if error else check_sample(key, files, prep))
+      if not status:
+        status, detail, label, embedding = check_conditions(files, prep)
+        if status:
+          image, caption, original = b"", "", (0, 0)
     except Exception as e:  # a bug-shaped input must not stop the job
       status, detail, image, caption, original = "invalid_sample", repr(e), b"", "", (0, 0)
     control = files.get(control_ext, b"") if control_ext and not status else b""
     yield {"shard": index, "key": key, "status": status, "detail": detail, "image": image,
-           "caption": caption, "original_size": np.asarray(original, np.int32), "control": control}
+           "caption": caption, "original_size": np.asarray(original, np.int32), "control": control,
+           "class_label": np.int64(label), "embedding": embedding}
   yield {"shard": index, "key": path, "status": SHARD_END, "detail": "", "image": b"",
-         "caption": "", "original_size": np.zeros(2, np.int32), "control": b""}
+         "caption": "", "original_size": np.zeros(2, np.int32), "control": b"",
+         "class_label": np.int64(-1), "embedding": b""}
 
 
 def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: int = 8,
@@ -245,8 +323,9 @@ def read_samples(files: Sequence[str], prep: Preprocessing, *, parallel_shards: 
     A dataset of dicts: shard (index into `files`), key, status, detail, caption, pixels
     (uint8 [R, R, 3]; zeros unless kept; with buckets the `prep.canvas`, the crop at its top
     left), bucket (int32; -1 without buckets or when skipped), original_size and crop_offset
-    (int32 [2]); with `prep.control_member` also control (uint8 like pixels: the member resized
-    and cropped as the image).
+    (int32 [2]), class_label (int64; -1 unless prep.class_field) and embedding (float16 bytes of
+    [L, D]; empty unless prep.embedding_field); with `prep.control_member` also control (uint8
+    like pixels: the member resized and cropped as the image).
   """
   if not files:
     raise UserInputError("No shards to read.")
@@ -341,14 +420,16 @@ def tokenize_captions(tokenizer, captions: Sequence[str],
 def training_dataset(files: Sequence[str], prep: Preprocessing, *, local_batch: int, seed: int,
                      start_batch: int, shuffle_buffer: int, parallel_shards: int = 8
                      ) -> tf.data.Dataset:
-  """Endless batches of kept {"pixels", "caption"} for training on raw shards (small runs).
+  """Endless batches of kept {"pixels", "caption", "class_label", "embedding"} for training on raw
+  shards (small runs).
 
   Deterministic for `seed`; starting at batch `start_batch` replays the kept samples before it
   (decoding them again), so resuming costs as much as reading that many samples.
   """
   ds = read_samples(files, prep, parallel_shards=parallel_shards)
   ds = ds.filter(lambda r: tf.strings.length(r["status"]) == 0)
-  fields = ("pixels", "caption", "control") if prep.control_member else ("pixels", "caption")
+  fields = ("pixels", "caption", "class_label", "embedding")
+  fields += ("control",) if prep.control_member else ()
   ds = ds.map(lambda r: {k: r[k] for k in fields})
   ds = ds.repeat().shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.skip(start_batch * local_batch)
@@ -364,8 +445,10 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
   (stage 2) and required only then.
 
   Returns:
-    A `shard_reading.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}, plus
-    "control" (float32 [B, S, S, 3] in [0, 1]) with `data.control_member`.
+    A `shard_reading.ResumableBatches` of {"images": uint8 [B, S, S, 3], "input_ids"}, with
+    "class_labels" int32 [B] / "embeddings" float32 [B, L, D] when encode.class_field /
+    encode.embedding_field name their members, and "control" (float32 [B, S, S, 3] in [0, 1])
+    with `data.control_member`.
   """
   if not config.data.webdataset:
     raise UserInputError("data.kind='webdataset' needs data.webdataset: tar shards as a path, glob or "
@@ -387,6 +470,11 @@ def training_reader(config, global_batch: int, *, tokenizer=None,
     out = {"images": batch["pixels"]}
     if "control" in batch:  # diffusers' control images: float in [0, 1]
       out["control"] = batch["control"].astype(np.float32) / 255.0
+    if prep.class_field:
+      out["class_labels"] = batch["class_label"].astype(np.int32)
+    if prep.embedding_field:
+      out["embeddings"] = np.stack([np.frombuffer(b, np.float16).reshape(prep.embedding_shape)
+                                    for b in batch["embedding"]]).astype(np.float32)
     if tokenizer is not None:
       captions = [c.decode("utf-8") for c in batch["caption"]]
       out["input_ids"] = tokenize_captions(tokenizer, captions, max_length)[0]

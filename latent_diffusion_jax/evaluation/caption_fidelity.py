@@ -17,9 +17,10 @@ and those of order 3 and 4 are zero: the third cumulant and kappa4 / area^2 surv
 bounding-box fill ratio (circle 0.785, square 1, triangle 0.5) does not.
 
 Images without foreground detect as "none" for every attribute, which always counts as wrong.
+`detect_all` describes every blob of an image of several shapes (the layout evaluator's input).
 """
 
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage
@@ -71,11 +72,46 @@ def detect(image: np.ndarray) -> Dict[str, str]:
   blob = _largest_blob(distance > _THRESHOLD)
   if blob is None:
     return {name: NONE for name in ATTRIBUTES}
+  described = _describe(offsets, distance, blob)
+  return {name: described[name] for name in ATTRIBUTES}
+
+
+def detect_all(image: np.ndarray, min_pixels: int = 4) -> List[Dict[str, Any]]:
+  """Reads every shape of an image of several: each 8-connected foreground blob of at least
+  `min_pixels` pixels, described as `detect` describes the largest one.
+
+  Args:
+    image: [H, W, 3] uint8 in [0, 255], or float in [0, 1].
+    min_pixels: smaller blobs are specks, not shapes.
+
+  Returns:
+    One dict per blob, largest first: "color", "shape", "position" as in `detect`, "center"
+    (x, y) of its intensity-weighted centroid in image fractions (x right, y down) and "pixels".
+  """
+  offsets = _to_float255(image) - _BACKGROUND
+  distance = np.linalg.norm(offsets, axis=-1)
+  labels, count = ndimage.label(distance > _THRESHOLD, structure=_CONNECTIVITY)
+  sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
+  found = []
+  for k in np.argsort(-sizes, kind="stable"):
+    if sizes[k] < min_pixels:
+      break
+    blob = labels == k + 1
+    with np.errstate(divide="ignore", invalid="ignore"):  # a one-row speck has no skewness
+      described = _describe(offsets, distance, blob, others=(labels > 0) & ~blob)
+    found.append(dict(described, pixels=int(sizes[k])))
+  return found
+
+
+def _describe(offsets: np.ndarray, distance: np.ndarray, blob: np.ndarray,
+              others: Optional[np.ndarray] = None) -> Dict[str, Any]:
+  """Color, position, shape and center of one blob; `others` (other shapes' pixels) are left out
+  of the background statistics."""
   core = blob & (distance >= _CORE_FRACTION * distance[blob].max())
   mean_offset = offsets[core].mean(axis=0)
   color = _PALETTE_NAMES[int(np.argmax(_PALETTE_DIRECTIONS @ mean_offset))]
 
-  occupancy = _occupancy(distance, blob, full=float(np.median(distance[core])))
+  occupancy = _occupancy(distance, blob, full=float(np.median(distance[core])), others=others)
   row_mass, col_mass = occupancy.sum(axis=1), occupancy.sum(axis=0)
   rows = _cumulants(row_mass)
   cols = _cumulants(col_mass)
@@ -93,7 +129,8 @@ def detect(image: np.ndarray) -> Dict[str, str]:
     shape = "square"
   else:
     shape = "circle"
-  return {"color": color, "position": position, "shape": shape}
+  center = ((cols[0] + 0.5) / width, (rows[0] + 0.5) / height)
+  return {"color": color, "position": position, "shape": shape, "center": center}
 
 
 def caption_fidelity(images: np.ndarray | Sequence[np.ndarray],
@@ -134,10 +171,17 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray | None:
   return labels == 1 + int(np.argmax(sizes))
 
 
-def _occupancy(distance: np.ndarray, blob: np.ndarray, full: float) -> np.ndarray:
+def _occupancy(distance: np.ndarray, blob: np.ndarray, full: float,
+               others: Optional[np.ndarray] = None) -> np.ndarray:
   """Per-pixel share of the shape in [0, 1], zero outside the blob and its edge rings."""
   near = ndimage.binary_dilation(blob, structure=_CONNECTIVITY, iterations=_EDGE_RINGS)
-  background = distance[~near]
+  if others is not None and others.any():
+    near_others = ndimage.binary_dilation(others, structure=_CONNECTIVITY,
+                                          iterations=_EDGE_RINGS)
+    background = distance[~near & ~near_others]
+    near = near & ~others
+  else:
+    background = distance[~near]
   floor = background.mean() + _NOISE_SIGMAS * background.std() if background.size else 0.0
   floor = min(floor, 0.5 * full)
   return np.where(near, np.clip((distance - floor) / (full - floor), 0.0, 1.0), 0.0)

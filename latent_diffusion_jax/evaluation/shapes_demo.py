@@ -1,21 +1,34 @@
-"""Caption fidelity of a text-to-image run on the embedded shapes dataset.
+"""Fidelity of a model trained on the embedded shapes dataset, by task:
 
-Generates images for the held-out (color, shape, position) combinations — captions the model never
-saw in training — detects each image's shape color and position from its pixels, and reports the
-accuracy.
+  caption  text-to-image: generates the held-out (color, shape, position) captions — combinations
+           the model never saw in training — and reports color / position / shape accuracy
+           (caption_fidelity.py).
+  class    class-conditional: generates `--images_per_class` images of each of the 18 classes
+           (color x shape) and reports the accuracy of the class read back from the pixels
+           (class_fidelity.py), overall and per class.
+  layout   layout-to-image: generates the layouts of the held-out "test" split (each holds an
+           object whose color, shape and grid cell training never showed) and reports the
+           fraction of boxes holding a shape of the requested color and shape (layout_fidelity.py).
 
   python -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint workdirs/shapes_ldm --out DIR
+  python -m latent_diffusion_jax.evaluation.shapes_demo --task class --checkpoint W --out DIR
+  python -m latent_diffusion_jax.evaluation.shapes_demo --task layout --checkpoint W --out DIR
 """
 
 import json
 import os
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
+import numpy as np
 from absl import app, flags, logging
 
-from latent_diffusion_jax.data import shapes
+from latent_diffusion_jax.data import shapes, shapes_layout
 from latent_diffusion_jax.evaluation.caption_fidelity import caption_fidelity
+from latent_diffusion_jax.evaluation.class_fidelity import class_fidelity
+from latent_diffusion_jax.evaluation.layout_fidelity import layout_fidelity
+
+TASKS = ("caption", "class", "layout")
 
 
 def held_out_prompts(images_per_combination: int):
@@ -28,36 +41,104 @@ def held_out_prompts(images_per_combination: int):
   return prompts, attributes
 
 
-def evaluate(bundle, *, images_per_combination: int = 8, seed: int = 1234, num_steps: int = 50,
-             guidance_scale: float = 3.0, sampler: str = "ddim",
+def class_requests(images_per_class: int) -> np.ndarray:
+  """Class labels int32 [18 * images_per_class]: every class `images_per_class` times."""
+  return np.repeat(np.arange(shapes.NUM_CLASSES, dtype=np.int32), images_per_class)
+
+
+def layout_requests(num_layouts: int, seed: int = 0, max_boxes: int = shapes_layout.MAX_OBJECTS
+                    ) -> Dict[str, Any]:
+  """The first `num_layouts` held-out ("test") layouts: "layouts" in the sampling API's form (per
+  image a list of (box, class)), "layout_boxes" [N, M, 4] and "layout_classes" [N, M]."""
+  batch = shapes_layout.generate_batch(0, num_layouts, split="test", seed=seed,
+                                       max_boxes=max_boxes)
+  layouts = [[(tuple(o["box"]), o["class_label"]) for o in objects] for objects in batch["objects"]]
+  return {"layouts": layouts, "layout_boxes": batch["layout_boxes"],
+          "layout_classes": batch["layout_classes"]}
+
+
+def _batch_size(n: int) -> int:
+  return n if n <= 128 else 64
+
+
+def evaluate(bundle, *, task: str = "caption", images_per_combination: int = 8,
+             images_per_class: int = 8, num_layouts: int = 96, seed: int = 1234,
+             num_steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
              out_dir: Optional[str] = None) -> Dict[str, Any]:
-  """Samples the held-out captions and scores them; writes images and scores to `out_dir`."""
+  """Samples the task's held-out conditions and scores them; writes images and scores to `out_dir`."""
+  from latent_diffusion_jax.core.errors import UserInputError
   from latent_diffusion_jax.core.images import save_images
   from latent_diffusion_jax.sampling.generation import generate
-  prompts, attributes = held_out_prompts(images_per_combination)
+  if task not in TASKS:
+    raise UserInputError(f"Unknown task {task!r}; valid: {', '.join(TASKS)}.")
+  settings = dict(seed=seed, num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler)
   t0 = time.perf_counter()
-  images = generate(bundle, prompts, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
-                    sampler=sampler, batch_size=len(prompts) if len(prompts) <= 128 else 64)
+  if task == "caption":
+    prompts, attributes = held_out_prompts(images_per_combination)
+    images = generate(bundle, prompts, batch_size=_batch_size(len(prompts)), **settings)
+    scores = caption_fidelity(images, attributes)
+    names: List[str] = prompts
+  elif task == "class":
+    labels = class_requests(images_per_class)
+    # Text-free models take one empty prompt per image (only their number matters).
+    images = generate(bundle, [""] * len(labels), class_labels=labels,
+                      batch_size=_batch_size(len(labels)), **settings)
+    scores = class_fidelity(images, labels)
+    names = [shapes.class_name(label) for label in labels]
+  else:
+    requests = layout_requests(num_layouts)
+    images = generate(bundle, [""] * num_layouts, layouts=requests["layouts"],
+                      batch_size=_batch_size(num_layouts), **settings)
+    scores = layout_fidelity(images, requests["layout_boxes"], requests["layout_classes"])
+    names = [" and ".join(shapes.class_name(c) for _, c in layout)
+             for layout in requests["layouts"]]
   seconds = time.perf_counter() - t0
-  scores = caption_fidelity(images, attributes)
   per_example = scores.pop("per_example")
-  scores.update(seconds=seconds, seed=seed, num_steps=num_steps, guidance_scale=guidance_scale,
-                sampler=sampler)
+  scores.update(task=task, seconds=seconds, **settings)
   if out_dir:
-    save_images(images, out_dir, prompts, {k: v for k, v in scores.items()})
-    with open(os.path.join(out_dir, "caption_fidelity.json"), "w") as f:
+    save_images(images, out_dir, names, dict(scores))
+    with open(os.path.join(out_dir, f"{task}_fidelity.json"), "w") as f:
       json.dump({**scores, "per_example": per_example}, f, indent=1, default=str)
   return scores
 
 
+def summary_line(scores: Dict[str, Any]) -> str:
+  """The one-line result the command prints."""
+  task, n = scores["task"], scores["num_examples"]
+  if task == "caption":
+    return (f"Caption fidelity on {n} images of {len(shapes.combinations('test'))} held-out "
+            f"caption combinations: color {scores['color']:.1%}, position {scores['position']:.1%}, "
+            f"color+position {scores['color_and_position']:.1%}, shape {scores['shape']:.1%}")
+  if task == "class":
+    worst = min(scores["per_class"].items(), key=lambda kv: kv[1])
+    return (f"Class fidelity on {n} images of {shapes.NUM_CLASSES} classes: class (color and shape) "
+            f"{scores['accuracy']:.1%}, color {scores['color']:.1%}, shape {scores['shape']:.1%}; "
+            f"worst class {worst[0]} {worst[1]:.1%}")
+  return (f"Layout fidelity on {scores['num_boxes']} boxes of {n} held-out layouts: color and "
+          f"shape in the box {scores['accuracy']:.1%}, color in the box {scores['color']:.1%}, "
+          f"any shape in the box {scores['present']:.1%}; layouts all right "
+          f"{scores['layouts_all_right']:.1%}")
+
+
+def headline(scores: Dict[str, Any]) -> float:
+  """The accuracy --min_accuracy checks: color+position (caption), class (class), color and
+  shape in the box (layout)."""
+  return scores["color_and_position"] if scores["task"] == "caption" else scores["accuracy"]
+
+
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage-2 workdir to evaluate.")
 _OUT = flags.DEFINE_string("out", None, "Where to write the images and scores.")
-_PER_COMBO = flags.DEFINE_integer("images_per_combination", 8, "Images per held-out combination.")
+_TASK = flags.DEFINE_enum("task", "caption", TASKS, "What the model is conditioned on.")
+_PER_COMBO = flags.DEFINE_integer("images_per_combination", 8,
+                                  "caption: images per held-out combination.")
+_PER_CLASS = flags.DEFINE_integer("images_per_class", 8, "class: images per class.")
+_LAYOUTS = flags.DEFINE_integer("num_layouts", 96, "layout: held-out layouts to generate.")
 _STEPS = flags.DEFINE_integer("steps", 50, "DDIM steps.")
 _GUIDANCE = flags.DEFINE_float("guidance_scale", 3.0, "Classifier-free guidance scale.")
 _SEED = flags.DEFINE_integer("seed", 1234, "Sampling seed.")
-_MIN_ACCURACY = flags.DEFINE_float("min_accuracy", 0.0,
-                                   "Exit non-zero when color-and-position accuracy is below this.")
+_MIN_ACCURACY = flags.DEFINE_float(
+    "min_accuracy", 0.0, "Exit non-zero when the headline accuracy is below this: color+position "
+    "(caption), class (class), color and shape in the box (layout).")
 
 
 def main(argv):
@@ -68,16 +149,15 @@ def main(argv):
   if not _CHECKPOINT.value:
     raise app.UsageError("--checkpoint (a stage-2 workdir) is required.")
   bundle = load_bundle(Source(_CHECKPOINT.value, kind="workdir"))
-  scores = evaluate(bundle, images_per_combination=_PER_COMBO.value, seed=_SEED.value,
-                    num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value, out_dir=_OUT.value)
+  scores = evaluate(bundle, task=_TASK.value, images_per_combination=_PER_COMBO.value,
+                    images_per_class=_PER_CLASS.value, num_layouts=_LAYOUTS.value,
+                    seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
+                    out_dir=_OUT.value)
   logging.info("Scores: %s", scores)
-  n = scores["num_examples"]
-  print(f"Caption fidelity on {n} images of {len(shapes.combinations('test'))} held-out "
-        f"caption combinations: color {scores['color']:.1%}, position {scores['position']:.1%}, "
-        f"color+position {scores['color_and_position']:.1%}, shape {scores['shape']:.1%}")
-  if scores["color_and_position"] < _MIN_ACCURACY.value:
-    raise SystemExit(f"color+position accuracy {scores['color_and_position']:.1%} is below "
-                     f"--min_accuracy {_MIN_ACCURACY.value:.0%}")
+  print(summary_line(scores))
+  if headline(scores) < _MIN_ACCURACY.value:
+    raise SystemExit(f"accuracy {headline(scores):.1%} is below --min_accuracy "
+                     f"{_MIN_ACCURACY.value:.0%}")
 
 
 if __name__ == "__main__":
