@@ -13,7 +13,7 @@ PARITY_REFS_SPEC := "$(TORCHVISION_SPEC)" pytorch-fid==0.3.0 open-clip-torch==3.
 DEMO ?= workdirs/demo
 DEMO_VQ ?= workdirs/demo_vq
 
-.PHONY: venv test demo demo-vq demo-controlnet demo-inpaint demo-sr demo-semantic clean
+.PHONY: venv test demo demo-vq demo-controlnet demo-inpaint demo-sr demo-semantic demo-class demo-layout clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	python3 -m venv $(VENV)
@@ -57,6 +57,20 @@ demo-vq: venv
 	  --num_images_per_prompt 4
 	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --checkpoint $(DEMO_VQ)/ldm \
 	  --out $(DEMO_VQ)/caption_fidelity --min_accuracy 0.8
+
+# Class-conditional and layout-to-image LDMs on `make demo`'s autoencoder (run that first), scored
+# on generated pixels (evaluation/class_fidelity.py, layout_fidelity.py).
+demo-class: venv
+	$(PY) train.py --config configs/shapes_class_ldm.py --workdir $(DEMO)/class_ldm \
+	  --config.data.data_dir=$(DEMO)/tfds --config.frozen.vae=$(DEMO)/autoencoder
+	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --task class --checkpoint $(DEMO)/class_ldm \
+	  --out $(DEMO)/class_fidelity
+
+demo-layout: venv
+	$(PY) train.py --config configs/shapes_layout_ldm.py --workdir $(DEMO)/layout_ldm \
+	  --config.data.data_dir=$(DEMO)/tfds --config.frozen.vae=$(DEMO)/autoencoder
+	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --task layout --checkpoint $(DEMO)/layout_ldm \
+	  --out $(DEMO)/layout_fidelity
 
 # A ControlNet on top of `make demo`'s LDM (run that first): outline maps place the shape, the
 # prompt never names the position; then placement on held-out layouts, with and without it.
