@@ -52,10 +52,10 @@ def _abstract_state(config):
   from latent_diffusion_jax.models import build
   from latent_diffusion_jax.training.stages.diffusion import build_init_fn
   from latent_diffusion_jax.training.state import make_optimizer
-  unet, text = build.build_unet(config.model), build.build_text_encoder(config.model)
+  unet, conditioner = build.build_unet(config.model), build.build_conditioner(config.model)
   tx = make_optimizer(config.optimizer, config.training.num_steps)
   mesh = parallel.create_mesh((1, 1, 1), devices=jax.devices()[:1])
-  abstract, _ = parallel.sharded_abstract_state(build_init_fn(config, unet, text, tx),
+  abstract, _ = parallel.sharded_abstract_state(build_init_fn(config, unet, conditioner, tx),
                                                 jax.random.key(0), mesh=mesh)
   return abstract
 

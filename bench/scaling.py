@@ -81,7 +81,7 @@ class Step:
     self.unet = build.build_unet(config.model)
     o = config.optimizer
     self.tx, self.lr = make_optimizer(o, 10_000), learning_rate_schedule(o, 10_000)
-    self.task = DiffusionTask(unet=self.unet, vae=None, text_encoder=None, text_trainable=False,
+    self.task = DiffusionTask(unet=self.unet, vae=None, conditioner=None,
                               schedule=DiffusionSpec.from_config(config.diffusion).noise_schedule(),
                               prediction_type=config.diffusion.prediction_type)
     self.size = build.latent_size(config.model)

@@ -37,7 +37,7 @@ def _diffusion_parts():
   unet = UNet2DConditionModel(block_out_channels=(8,), attention_levels=(True,), layers_per_block=1,
                               num_heads=1, cross_attention_dim=8, norm_num_groups=4,
                               mid_block_attention=False)
-  task = DiffusionTask(unet=unet, vae=None, text_encoder=None, text_trainable=False,
+  task = DiffusionTask(unet=unet, vae=None, conditioner=None,
                        schedule=schedules.make_schedule("scaled_linear"),
                        prediction_type="epsilon", num_buckets=2)
   tx = optax.adam(1e-3)
