@@ -261,11 +261,14 @@ def test_native_export_and_sample_cli_with_class_labels_and_layouts(tmp_path):
 def test_class_model_exports_to_diffusers_unet(tmp_path):
   import torch
   from diffusers import UNet2DConditionModel as TorchUNet
+  from latent_diffusion_jax.cli.export import export_bundle
   from latent_diffusion_jax.interop.export_diffusers import ExportError, export_diffusers
   with pytest.raises(ExportError, match="class_context=False"):
-    export_diffusers(_bundle(_config("class")), str(tmp_path / "no"))
+    export_bundle(_bundle(_config("class")), "diffusers", str(tmp_path / "no"))
   bundle = _bundle(_config("class", class_context=False, use_unet_class_embedding=True))
-  written = export_diffusers(bundle, str(tmp_path / "out"))
+  with pytest.raises(ExportError, match="export_class_conditional"):
+    export_diffusers(bundle, str(tmp_path / "direct"))
+  written = export_bundle(bundle, "diffusers", str(tmp_path / "out"))
   assert json.load(open(written["class_labels"]))["null_class"] == 4
   unet = TorchUNet.from_pretrained(written["unet"]).eval()
   rng = np.random.default_rng(0)

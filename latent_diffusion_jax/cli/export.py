@@ -54,6 +54,9 @@ def export_bundle(bundle: Any, fmt: str, out: str, *, dtype: Optional[str] = Non
     What was written: name -> path.
   """
   if fmt == "diffusers":
+    if getattr(bundle, "conditioner", None) is not None:  # class labels: diffusers components
+      from latent_diffusion_jax.interop.export_class_diffusers import export_class_conditional
+      return export_class_conditional(bundle, out, dtype=dtype or "float32", scheduler=scheduler)
     from latent_diffusion_jax.interop.export_diffusers import export_diffusers
     return export_diffusers(bundle, out, dtype=dtype or "float32", scheduler=scheduler)
   if fmt == "single-file":

@@ -201,6 +201,12 @@ def check_diffusers_compatible(bundle: ModelBundle) -> None:
   """Raises ExportError when a pipeline directory cannot hold the bundle."""
   from latent_diffusion_jax.models.text_encoders import CLIPTextModel
   pipeline = pipeline_class(bundle)
+  if bundle.conditioner is not None:
+    raise ExportError(
+        f"This model is conditioned by a {bundle.conditioner.kind!r} conditioner, not text; a "
+        f"{pipeline} directory cannot hold it. Class-conditional models export as diffusers "
+        "components with interop.export_class_diffusers.export_class_conditional (the export "
+        "command's --format diffusers does this); others with --format native.")
   if bundle.text_encoder is None:
     raise ExportError(
         f"This model has no text encoder; a {pipeline} directory needs a CLIP text "
@@ -263,11 +269,9 @@ def export_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: str = "float32
       the message points to the native format.
 
   A class-conditional bundle whose classes reach the UNet only through its class embedding is
-  written as diffusers components instead (interop/export_class_diffusers.py).
+  written as diffusers components by interop/export_class_diffusers.py (the export command
+  picks it).
   """
-  if bundle.conditioner is not None:
-    from latent_diffusion_jax.interop.export_class_diffusers import export_class_conditional
-    return export_class_conditional(bundle, out_dir, dtype=dtype, scheduler=scheduler)
   check_diffusers_compatible(bundle)
   numpy_dtype(dtype)
   sched_cfg = scheduler_config(bundle.diffusion, scheduler)

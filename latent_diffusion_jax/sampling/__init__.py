@@ -1,7 +1,7 @@
 """Jitted generation from a model bundle (`generation`), ControlNets at sampling time (`controlnet`)
 and sample.py's command logic (`run`)."""
 
-from latent_diffusion_jax.sampling import controlnet
+import latent_diffusion_jax.sampling.controlnet as controlnet
 from latent_diffusion_jax.sampling.controlnet import Control
 from latent_diffusion_jax.sampling.generation import (OUTPUT_TYPES, SAMPLERS, SampleFn, SampleParams,
                                                       bundle_params, default_mesh,

@@ -32,7 +32,7 @@ from latent_diffusion_jax.diffusion import samplers
 from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle, decode_latents
 from latent_diffusion_jax.core.errors import UserInputError
-from latent_diffusion_jax.sampling import controlnet as control_lib
+import latent_diffusion_jax.sampling.controlnet as control_lib
 
 SAMPLERS = samplers.SAMPLERS
 OUTPUT_TYPES = ("uint8", "float")

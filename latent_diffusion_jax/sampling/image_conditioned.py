@@ -49,7 +49,7 @@ from latent_diffusion_jax.diffusion import samplers, schedules
 from latent_diffusion_jax.models import image_conditioning as ic
 from latent_diffusion_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from latent_diffusion_jax.models.bundle import ModelBundle, decode_latents
-from latent_diffusion_jax.sampling import generation
+import latent_diffusion_jax.sampling.generation as generation
 
 MODES = ("img2img", "inpaint", "inpaint_renoise", "upscale", "semantic")
 # The random inputs of one image, by name: their shapes follow the mode (see `_noise_shapes`).

@@ -6,9 +6,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from latent_diffusion_jax.artifacts import loader
-from latent_diffusion_jax.sampling import conditions as conditions_lib
+import latent_diffusion_jax.sampling.conditions as conditions_lib
 from latent_diffusion_jax.core import images as images_lib
-from latent_diffusion_jax.sampling import controlnet as control_lib
+import latent_diffusion_jax.sampling.controlnet as control_lib
 from latent_diffusion_jax.sampling.generation import _check_sampler_args, check_size, generate
 from latent_diffusion_jax.sampling.image_inputs import ImageInputs
 from latent_diffusion_jax.core.errors import UserInputError
