@@ -82,10 +82,13 @@ def test_layout_fidelity_refuses_mismatched_input():
 
 
 def test_demo_requests_cover_every_class_and_held_out_layouts():
-  from latent_diffusion_jax.evaluation import shapes_demo
-  labels = shapes_demo.class_requests(3)
+  # The request helpers live beside the scorers, not in the shapes_demo command (its flags would
+  # clash with other commands' imported into the same test process).
+  from latent_diffusion_jax.evaluation.class_fidelity import class_requests
+  from latent_diffusion_jax.evaluation.layout_fidelity import layout_requests
+  labels = class_requests(3)
   assert labels.tolist() == [i for i in range(18) for _ in range(3)]
-  requests = shapes_demo.layout_requests(10)
+  requests = layout_requests(10)
   assert len(requests["layouts"]) == 10 and requests["layout_boxes"].shape == (10, 3, 4)
   for layout, classes in zip(requests["layouts"], requests["layout_classes"]):
     assert [c for _, c in layout] == [c for c in classes.tolist() if c >= 0]

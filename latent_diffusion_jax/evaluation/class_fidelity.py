@@ -57,3 +57,8 @@ def class_fidelity(images: np.ndarray | Sequence[np.ndarray],
   scores = {key: hits[key] / count if count else 0.0 for key in hits}
   return {**scores, "per_class": {name: float(np.mean(v)) for name, v in per_class.items()},
           "num_examples": count, "per_example": per_example}
+
+
+def class_requests(images_per_class: int) -> np.ndarray:
+  """Class labels int32 [18 * images_per_class]: every class `images_per_class` times."""
+  return np.repeat(np.arange(shapes.NUM_CLASSES, dtype=np.int32), images_per_class)

@@ -12,7 +12,7 @@ from typing import Any, Dict, Sequence, Tuple
 import numpy as np
 
 from latent_diffusion_jax.core.errors import UserInputError
-from latent_diffusion_jax.data import shapes
+from latent_diffusion_jax.data import shapes, shapes_layout
 from latent_diffusion_jax.evaluation.caption_fidelity import detect_all
 
 
@@ -67,3 +67,14 @@ def layout_fidelity(images: np.ndarray | Sequence[np.ndarray], layout_boxes: np.
           "present": fraction("present"),
           "layouts_all_right": float(np.mean(all_right)) if all_right else 0.0,
           "num_boxes": len(flat), "num_examples": len(per_example), "per_example": per_example}
+
+
+def layout_requests(num_layouts: int, seed: int = 0, max_boxes: int = shapes_layout.MAX_OBJECTS
+                    ) -> Dict[str, Any]:
+  """The first `num_layouts` held-out ("test") layouts: "layouts" in the sampling API's form (per
+  image a list of (box, class)), "layout_boxes" [N, M, 4] and "layout_classes" [N, M]."""
+  batch = shapes_layout.generate_batch(0, num_layouts, split="test", seed=seed,
+                                       max_boxes=max_boxes)
+  layouts = [[(tuple(o["box"]), o["class_label"]) for o in objects] for objects in batch["objects"]]
+  return {"layouts": layouts, "layout_boxes": batch["layout_boxes"],
+          "layout_classes": batch["layout_classes"]}

@@ -20,13 +20,12 @@ import os
 import time
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 from absl import app, flags, logging
 
-from latent_diffusion_jax.data import shapes, shapes_layout
+from latent_diffusion_jax.data import shapes
 from latent_diffusion_jax.evaluation.caption_fidelity import caption_fidelity
-from latent_diffusion_jax.evaluation.class_fidelity import class_fidelity
-from latent_diffusion_jax.evaluation.layout_fidelity import layout_fidelity
+from latent_diffusion_jax.evaluation.class_fidelity import class_fidelity, class_requests
+from latent_diffusion_jax.evaluation.layout_fidelity import layout_fidelity, layout_requests
 
 TASKS = ("caption", "class", "layout")
 
@@ -39,22 +38,6 @@ def held_out_prompts(images_per_combination: int):
     prompts += [shapes.caption(attrs)] * images_per_combination
     attributes += [attrs] * images_per_combination
   return prompts, attributes
-
-
-def class_requests(images_per_class: int) -> np.ndarray:
-  """Class labels int32 [18 * images_per_class]: every class `images_per_class` times."""
-  return np.repeat(np.arange(shapes.NUM_CLASSES, dtype=np.int32), images_per_class)
-
-
-def layout_requests(num_layouts: int, seed: int = 0, max_boxes: int = shapes_layout.MAX_OBJECTS
-                    ) -> Dict[str, Any]:
-  """The first `num_layouts` held-out ("test") layouts: "layouts" in the sampling API's form (per
-  image a list of (box, class)), "layout_boxes" [N, M, 4] and "layout_classes" [N, M]."""
-  batch = shapes_layout.generate_batch(0, num_layouts, split="test", seed=seed,
-                                       max_boxes=max_boxes)
-  layouts = [[(tuple(o["box"]), o["class_label"]) for o in objects] for objects in batch["objects"]]
-  return {"layouts": layouts, "layout_boxes": batch["layout_boxes"],
-          "layout_classes": batch["layout_classes"]}
 
 
 def _batch_size(n: int) -> int:
