@@ -1,6 +1,8 @@
-"""The sampling loop's UNet with the "xla" attention as it is and as it was before issue 18
-(logits scaled and the softmax normalized on the [B, H, Lq, Lk] logits), timed alternately in one
-run so that a shared machine's load hits both alike.
+"""The sampling loop's UNet with the "xla" attention as written (logits scaled and the softmax
+normalized on the [B, H, Lq, Lk] logits; "before") and with q scaled and the output normalized
+(the chunked kernel's `_block_attention` form; "after"), timed alternately in one run so that a
+shared machine's load hits both alike. The default stays "before": `make demo` trained with the
+other form fell below its accuracy bar (BENCHMARKS.md).
 
 Why it mattered (a jax.profiler trace of the cpu_small UNet at batch 16, the guided batch of 8
 images): XLA:CPU fuses each attention into one kernel whose operands must exist in memory, so
@@ -13,7 +15,6 @@ step.
 
 import argparse
 import contextlib
-import math
 import os
 import sys
 import time
@@ -26,17 +27,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from latent_diffusion_jax.models import attention, build  # noqa: E402
-
-
-def previous_xla_attention(q, k, v, mask, upcast: bool):
-  """The "xla" formulation before issue 18, kept here for the comparison."""
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  compute = jnp.float32 if upcast else q.dtype
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * scale
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def sampling_loop(config, batch: int, steps: int):
@@ -67,8 +57,8 @@ def main(argv=None):
   config.model.attention_impl = "xla"
   fns = {}
   for name in ("before", "after"):
-    patch = (mock.patch.object(attention, "_xla_attention", previous_xla_attention)
-             if name == "before" else contextlib.nullcontext())
+    patch = (mock.patch.object(attention, "_xla_attention", attention._block_attention)
+             if name == "after" else contextlib.nullcontext())
     with patch:  # traced and compiled while the patch holds
       fn, params = sampling_loop(config, args.batch, args.steps)
       fns[name] = (fn.lower(params).compile(), params)
