@@ -12,27 +12,16 @@ Arguments: `tiny` (a 2-step smoke run on a smaller UNet and a random autoencoder
 
 import os
 
-from latent_diffusion_jax.core.config import load_config_file, parse_arg
+from latent_diffusion_jax.core.config import image_conditioned_shapes, parse_arg
 
 
 def get_config(arg=None):
   args = parse_arg(arg, tiny=False, degradation="bicubic")
-  c = load_config_file(os.path.join(os.path.dirname(os.path.abspath(__file__)), "shapes_ldm.py")
-                       + (":tiny" if args.tiny else ""))
+  c = image_conditioned_shapes(os.path.dirname(os.path.abspath(__file__)), "upscaling", args.tiny)
   ic = c.model.image_conditioning
-  ic.kind = "upscaling"
   # 0 = the first stage's factor (4): the low-res image has the latent's size.
   ic.low_res_factor = 0
   ic.degradation = args.degradation
   # The x4 upscaler's noise augmentation: levels of its low-res schedule, also the class label.
   ic.noise_level_range = (0, 350)
-  # The demo's stage-1 autoencoder (make demo).
-  c.frozen.vae = "workdirs/demo/autoencoder"
-  # The grid and evaluation hooks sample text-to-image; these models need image inputs.
-  c.training.sample_every = 0
-  if args.tiny:
-    c.frozen.vae = ""  # a random autoencoder of the demo's layout
-    c.model.unet.block_out_channels = (32, 64)
-    c.model.unet.attention_levels = (True, False)
-    c.data.num_train, c.data.num_test = 32, 8
   return c

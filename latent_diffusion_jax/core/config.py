@@ -495,6 +495,23 @@ def copy_first_stage(stage2: mc.ConfigDict, stage1: mc.ConfigDict) -> mc.ConfigD
   return stage2
 
 
+def image_conditioned_shapes(configs_dir: str, kind: str, tiny: bool) -> mc.ConfigDict:
+  """`configs_dir`/shapes_ldm.py with `model.image_conditioning.kind=kind` on the demo's stage-1
+  autoencoder (make demo), for configs/shapes_{inpaint,sr,semantic}_ldm.py; `tiny`: a 2-step run
+  of a smaller UNet on a random autoencoder of the demo's layout (tests)."""
+  c = load_config_file(os.path.join(configs_dir, "shapes_ldm.py") + (":tiny" if tiny else ""))
+  c.model.image_conditioning.kind = kind
+  c.frozen.vae = "workdirs/demo/autoencoder"
+  # The grid and evaluation hooks sample text-to-image; these models need image inputs.
+  c.training.sample_every = 0
+  if tiny:
+    c.frozen.vae = ""
+    c.model.unet.block_out_channels = (32, 64)
+    c.model.unet.attention_levels = (True, False)
+    c.data.num_train, c.data.num_test = 32, 8
+  return c
+
+
 def load_config_file(path_and_arg: str) -> mc.ConfigDict:
   """Loads `configs/x.py[:arg]` like `config_flags` does, for tools and tests that take no flags."""
   path, _, arg = path_and_arg.partition(":")
