@@ -108,7 +108,12 @@ def test_mlperf_config_pins_the_protocol():
   # SD 2 base: head dim 64, linear projections, OpenCLIP ViT-H text read at its penultimate layer.
   assert c.model.unet.head_dim == 64 and c.model.unet.use_linear_projection
   assert c.model.text_encoder.clip.hidden_size == 1024
-  assert c.diffusion.prediction_type == "epsilon"
+  # Training as the reference yaml: v-parameterization, LR 1.25e-7 per image, constant after warmup.
+  assert c.diffusion.prediction_type == "v_prediction"
+  assert c.optimizer.learning_rate == pytest.approx(1.25e-7 * c.training.batch_size)
+  assert (c.optimizer.warmup_steps, c.optimizer.schedule, c.optimizer.ema_decay) == (1000, "constant", 0.0)
+  assert (c.diffusion.beta_start, c.diffusion.beta_end, c.diffusion.schedule) == (
+      0.00085, 0.012, "scaled_linear")
 
 
 # ---------------------------------------------------------------- one tiny run, 2 processes
