@@ -83,6 +83,9 @@ def test_class_conditioner_contract():
   np.testing.assert_array_equal(out.class_labels, [0, 4])
   # Rows of the embedding table: distinct classes give distinct contexts.
   assert not np.allclose(out.context[0], out.context[1])
+  # The paper's unit-scale class embedding (nn.Embedding), not the 0.02 of token tables.
+  table = np.asarray(nn_unbox(params)["embedding"]["embedding"])
+  assert 0.7 < table.std() < 1.3
 
 
 def test_layout_parsing_and_errors():

@@ -64,11 +64,12 @@ def layer_norm(epsilon: float = 1e-5, *, dtype: Dtype, param_dtype: Dtype,
 
 
 def embed(num_embeddings: int, features: int, *, dtype: Dtype, param_dtype: Dtype,
-          axes: Tuple[str, str] = ("vocab", "embed"), name: str | None = None) -> nn.Embed:
-  """A lookup table with logical axes on its embedding matrix."""
+          axes: Tuple[str, str] = ("vocab", "embed"), name: str | None = None,
+          stddev: float = 0.02) -> nn.Embed:
+  """A lookup table with logical axes on its embedding matrix, initialized N(0, stddev^2)."""
   return nn.Embed(
       num_embeddings, features, dtype=dtype, param_dtype=param_dtype,
-      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), axes),
+      embedding_init=nn.with_logical_partitioning(nn.initializers.normal(stddev), axes),
       name=name)
 
 
