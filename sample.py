@@ -111,6 +111,7 @@ def main(argv):
       class_labels=_CLASS_LABEL.value or None,
       layouts=conditions.read_layouts(_LAYOUT.value) if _LAYOUT.value else None,
       embeddings=conditions.read_embeddings(_EMBEDDINGS.value) if _EMBEDDINGS.value else None,
+      embeddings_file=_EMBEDDINGS.value,
       negative_prompt=_NEGATIVE_PROMPT.value, num_images_per_prompt=_NUM_PER_PROMPT.value,
       seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
       sampler=_SAMPLER.value, eta=_ETA.value, batch_size=_BATCH_SIZE.value,

@@ -13,13 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
 
-def _run(args):
+def _run(args, returncode=0):
+  """Runs `python args...` from the repo root on 2 fake devices; fails unless it exits with
+  `returncode`."""
   env = dict(os.environ, XLA_FLAGS=os.environ["XLA_FLAGS"].replace(
       "--xla_force_host_platform_device_count=8", "--xla_force_host_platform_device_count=2"))
   proc = subprocess.run([sys.executable] + args, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900)
-  if proc.returncode != 0:
-    raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+  if proc.returncode != returncode:
+    raise AssertionError(f"{args} exited ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                          f"{proc.stderr[-6000:]}")
   return proc
 

@@ -27,7 +27,7 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
                  eta: float = 0.0, batch_size: Optional[int] = None,
                  height: Optional[int] = None, width: Optional[int] = None,
                  class_labels: Optional[Sequence] = None, layouts: Optional[Sequence] = None,
-                 embeddings: Optional[np.ndarray] = None,
+                 embeddings: Optional[np.ndarray] = None, embeddings_file: Optional[str] = None,
                  controlnets: Sequence[control_lib.ControlSpec] = (), guess_mode: bool = False,
                  print_fn: Callable[[str], None] = print,
                  image_inputs: Optional[ImageInputs] = None):
@@ -44,6 +44,7 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     class_labels, layouts, embeddings: the conditions of a model with a non-text conditioner
       (indices or names; layouts as in `generate`; [n, L, D] stored embeddings), each in place
       of prompts, `num_images_per_prompt` images each.
+    embeddings_file: the file `embeddings` came from, recorded in settings.json with their shape.
     controlnets: ControlNets (any source `loader.load_controlnet` reads) with their control image
       files and scales; each image must have the sampled size. settings.json records them.
     guess_mode: see `generate`.
@@ -139,6 +140,8 @@ def run_sampling(*, prompts: Sequence[str] = (), out_dir: str, source: "loader.S
     settings["layouts"] = list(layouts)
   if embeddings is not None:
     settings["embeddings_shape"] = list(np.shape(embeddings))
+    if embeddings_file:
+      settings["embeddings_file"] = embeddings_file
   saved = images_lib.save_images(images, out_dir, all_prompts, settings)
   print_fn(f"Wrote {len(saved.images)} images, {saved.grid} and {saved.settings}.")
   return saved
