@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from latent_diffusion_jax.core.config import load_config_file
+from latent_diffusion_jax.core.errors import InputFileError
 from latent_diffusion_jax.data import encoder_job, latent_shards as ls, shapes
 from latent_diffusion_jax.data import webdataset as wds
 from latent_diffusion_jax.data.tokenizers import build_word_tokenizer, load_tokenizer
@@ -91,6 +92,14 @@ def test_missing_or_invalid_members_are_skipped_with_a_reason(encoded):
   assert summary["kept"] == len(encoded["good"]) == 11
   manifest = ls.read_json(os.path.join(encoded["out"], ls.MANIFEST))
   assert manifest["class_field"] == "cls" and manifest["embeddings_shape"] == list(EMBED_SHAPE)
+
+
+def test_a_run_that_kept_nothing_is_an_error(encoded):
+  encoder_job.check_kept(encoded["summary"])  # some kept: fine
+  nothing = dict(encoded["summary"], kept=0)
+  with pytest.raises(InputFileError, match=r"All \d+ samples read were skipped \(.*missing"):
+    encoder_job.check_kept(nothing)
+  encoder_job.check_kept({"read": 0, "kept": 0, "skipped": {}})  # a host without shards
 
 
 def test_stored_values_read_back_equal(encoded):

@@ -15,6 +15,7 @@ training (docs/BUCKETS.md).
 from absl import app, flags
 from ml_collections import config_flags
 
+from latent_diffusion_jax.cli import errors
 from latent_diffusion_jax.core import logs, parallel
 from latent_diffusion_jax.data import buckets, encoder_job
 from latent_diffusion_jax.training import frozen
@@ -27,6 +28,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Directory for the latent shards (
 flags.mark_flags_as_required(["config", "input", "output"])
 
 
+@errors.exits_on_user_error("encode")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -35,8 +37,9 @@ def main(argv):
   encoder_job.plan_inputs(_INPUT.value)  # bad patterns fail before the models load
   buckets.check_buckets(_CONFIG.value)  # so do bucket sizes the models cannot take
   encoder, tokenizer, scale = frozen.build_encoder(_CONFIG.value)
-  encoder_job.encode_shards(_CONFIG.value, _INPUT.value, _OUTPUT.value, encoder=encoder,
-                            tokenizer=tokenizer, scale_factor=scale)
+  summary = encoder_job.encode_shards(_CONFIG.value, _INPUT.value, _OUTPUT.value, encoder=encoder,
+                                      tokenizer=tokenizer, scale_factor=scale)
+  encoder_job.check_kept(summary)
 
 
 if __name__ == "__main__":

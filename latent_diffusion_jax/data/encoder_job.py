@@ -43,7 +43,7 @@ from latent_diffusion_jax.data.pre_encode import fingerprint
 from latent_diffusion_jax.data.shard_reading import expand_patterns
 from latent_diffusion_jax.models.autoencoder import DiagonalGaussian
 from latent_diffusion_jax.models.build import first_stage_kind
-from latent_diffusion_jax.core.errors import UserInputError
+from latent_diffusion_jax.core.errors import InputFileError, UserInputError
 
 _SKIPPED_KEYS_KEPT = 20  # per reason, in each shard's stats file
 
@@ -433,6 +433,16 @@ def encode_shards(config, inputs: str | Sequence[str], output_dir: str, *, encod
   summary["manifest"] = maybe_write_manifest(output_dir, names, job, config, pi, scale_factor,
                                              prep=prep)
   return summary
+
+
+def check_kept(summary: Dict[str, Any]) -> None:
+  """Raises when this host read samples but kept none: the output would train on nothing."""
+  if summary["read"] and not summary["kept"]:
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["skipped"].items()))
+    raise InputFileError(
+        f"All {summary['read']} samples read were skipped ({reasons or 'no reason recorded'}); "
+        "nothing was encoded. Check the sample members the config asks for (encode.*_field, "
+        "captions) and the conditioner flags (model.conditioner.*).")
 
 
 def _finished(output_dir: str, name: str, prep: wds.Preprocessing) -> bool:
