@@ -110,6 +110,7 @@ def headline(scores: Dict[str, Any]) -> float:
 
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Stage-2 workdir to evaluate.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step of the workdir (default: the latest).")
 _OUT = flags.DEFINE_string("out", None, "Where to write the images and scores.")
 _TASK = flags.DEFINE_enum("task", "caption", TASKS, "What the model is conditioned on.")
 _PER_COMBO = flags.DEFINE_integer("images_per_combination", 8,
@@ -131,7 +132,7 @@ def main(argv):
   quiet_libraries()
   if not _CHECKPOINT.value:
     raise app.UsageError("--checkpoint (a stage-2 workdir) is required.")
-  bundle = load_bundle(Source(_CHECKPOINT.value, kind="workdir"))
+  bundle = load_bundle(Source(_CHECKPOINT.value, kind="workdir", step=_STEP.value))
   scores = evaluate(bundle, task=_TASK.value, images_per_combination=_PER_COMBO.value,
                     images_per_class=_PER_CLASS.value, num_layouts=_LAYOUTS.value,
                     seed=_SEED.value, num_steps=_STEPS.value, guidance_scale=_GUIDANCE.value,
