@@ -9,7 +9,8 @@ object whose (color, shape, grid cell) training never showed. Stage 1 is the dem
       --config.frozen.vae=workdirs/demo/autoencoder --config.data.data_dir=workdirs/demo/tfds
   python -m latent_diffusion_jax.evaluation.shapes_demo --task layout \
       --checkpoint workdirs/shapes_layout_ldm --out workdirs/shapes_layout_ldm/layout_fidelity
-Measured (2026-11-29, a loaded 2-core machine, only 450 steps, 26 min wall; 64 held-out layouts,
+Measured with epsilon prediction, since changed to v (2026-11-29, a loaded 2-core machine, only
+450 steps, 26 min wall; 64 held-out layouts,
 119 boxes, 50 DDIM steps): color in the box 5.0% with guidance 3 (5.9% without), color and shape
 1.7%: the samples show shapes but ignore the layout. The evaluator reads 93.9% (color) and 72.2%
 (color and shape) on the demo autoencoder's reconstructions of layouts, which it never saw.
