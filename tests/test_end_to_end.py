@@ -147,3 +147,17 @@ for name in ("unet_params", "vae_params", "text_encoder_params"):
   proc = _run(["-c", code, work, pipeline])
   assert proc.stdout.split() == ["unet_params", "True", "vae_params", "True",
                                  "text_encoder_params", "True"], proc.stdout
+
+
+def test_caption_word_use_bench_reads_the_trained_run(trained):
+  import re
+  _, _, ldm, _ = trained
+  proc = _run(["bench/caption_word_use.py", "--workdir", ldm, "--num_images", "8"])
+  lines = proc.stdout.strip().splitlines()
+  assert "shape swapped" in lines[1] and "empty" in lines[1]
+  assert [int(line.split()[0]) for line in lines[2:]] == [50, 150, 300, 500, 800]
+  for line in lines[2:]:
+    cells = re.findall(r"([\d.]+) \(\s*([+-][\d.]+)%\)", line)
+    assert len(cells) == 5  # right, three swaps, empty
+    assert float(cells[0][1]) == 0.0  # the right caption against itself
+    assert all(0 < float(loss) < 1e3 for loss, _ in cells)
