@@ -23,6 +23,7 @@ from latent_diffusion_jax.artifacts.loader import Source, load_bundle  # noqa: E
 from latent_diffusion_jax.data import shapes  # noqa: E402
 from latent_diffusion_jax.data.tokenizers import load_tokenizer, tokenize  # noqa: E402
 from latent_diffusion_jax.diffusion import objectives, schedules  # noqa: E402
+from latent_diffusion_jax.training.autoencoder_step import scale_latents  # noqa: E402
 
 TIMESTEPS = (50, 150, 300, 500, 800)
 
@@ -42,10 +43,8 @@ def main():
   bundle = load_bundle(Source(args.workdir, kind="workdir"))
   tokenizer = load_tokenizer(bundle.tokenizer_path)
   examples = [shapes.generate_example(i, split="train", seed=0) for i in range(args.num_images)]
-  images = jnp.asarray(np.stack([e[0] for e in examples]), jnp.float32) / 127.5 - 1.0
-  encoded = bundle.vae.apply({"params": bundle.vae_params}, images, method=bundle.vae.encode)
-  # KL: the posterior mean (the first half of the moments); VQ: the pre-quantization latents.
-  latents = encoded[..., :bundle.latent_channels] * bundle.scaling_factor
+  images = jnp.asarray(np.stack([e[0] for e in examples]))
+  latents = scale_latents(bundle.vae, bundle.vae_params, images) * bundle.scaling_factor
   schedule = bundle.diffusion.noise_schedule()
   rng = np.random.default_rng(args.seed)
   variants = {
