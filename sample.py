@@ -64,6 +64,9 @@ _STRENGTH = flags.DEFINE_float("strength", None, "Image-to-image / inpainting st
                                "inpainting).")
 _MASK_IMAGE = flags.DEFINE_string("mask_image", None, "Grayscale inpainting mask, white = repaint "
                                   "(inpainting models, or any text-to-image model by re-noising).")
+_KEEP_UNMASKED = flags.DEFINE_boolean(
+    "keep_unmasked", False, "Inpainting: pixels outside --mask_image stay those of --init_image "
+    "exactly (the result is composited over it with the mask as alpha).")
 _LOW_RES_IMAGE = flags.DEFINE_string("low_res_image", None, "RGB image to upscale (upscaler models).")
 _NOISE_LEVEL = flags.DEFINE_integer("noise_level", 20, "Noise level of --low_res_image.")
 _SEMANTIC_MAP = flags.DEFINE_string("semantic_map", None, "Single-channel image of class ids "
@@ -71,6 +74,8 @@ _SEMANTIC_MAP = flags.DEFINE_string("semantic_map", None, "Single-channel image 
 
 
 def _image_inputs():
+  if _KEEP_UNMASKED.value and not _MASK_IMAGE.value:
+    raise FlagError("--keep_unmasked needs --init_image and --mask_image (inpainting).")
   if _STRENGTH.value is not None and not _INIT_IMAGE.value:
     raise FlagError("--strength needs --init_image (image-to-image or inpainting).")
   strength = _STRENGTH.value
@@ -78,7 +83,8 @@ def _image_inputs():
     strength = 0.8 if _INIT_IMAGE.value and not _MASK_IMAGE.value else 1.0
   return sampling.ImageInputs(init_image=_INIT_IMAGE.value, mask_image=_MASK_IMAGE.value,
                               strength=strength, low_res_image=_LOW_RES_IMAGE.value,
-                              noise_level=_NOISE_LEVEL.value, semantic_map=_SEMANTIC_MAP.value)
+                              noise_level=_NOISE_LEVEL.value, semantic_map=_SEMANTIC_MAP.value,
+                              keep_unmasked=_KEEP_UNMASKED.value)
 _CONTROLNET = flags.DEFINE_multi_string(
     "controlnet", [], "A ControlNet: a diffusers ControlNetModel directory or an original-layout "
     "file; repeat for several (their residuals add up).")

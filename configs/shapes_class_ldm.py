@@ -3,16 +3,16 @@
 The LDM paper's class-conditional setting on CPU scale: the class embedder (a learned embedding
 per class plus a null class for guidance, models/conditioners/) conditions the UNet of
 configs/shapes_ldm.py by cross-attention; the shape's position (grid cell and offset) and size
-are left to chance. Stage 1 is the demo's autoencoder (configs/shapes_autoencoder.py):
-  python train.py --config configs/shapes_class_ldm.py --workdir workdirs/shapes_class_ldm \
-      --config.frozen.vae=workdirs/demo/autoencoder --config.data.data_dir=workdirs/demo/tfds
+are left to chance. Stage 1 is the conditioning demos' autoencoder
+(configs/shapes_autoencoder.py:layouts; `make demo-class` trains both):
+  python train.py --config configs/shapes_autoencoder.py:layouts --workdir workdirs/demo/autoencoder_layouts \
+      --config.data.data_dir=workdirs/demo/tfds
+  python train.py --config configs/shapes_class_ldm.py --workdir workdirs/demo/class_ldm \
+      --config.frozen.vae=workdirs/demo/autoencoder_layouts --config.data.data_dir=workdirs/demo/tfds
   python -m latent_diffusion_jax.evaluation.shapes_demo --task class \
-      --checkpoint workdirs/shapes_class_ldm --out workdirs/shapes_class_ldm/class_fidelity
-Measured with epsilon prediction and a 0.02-scale class embedding, both since changed (2026-11-29,
-a loaded 2-core machine, 37 min wall for 700 steps; evaluator: 8 images
-per class, 50 DDIM steps): class (color and shape) 34.7% with guidance 3, 13.9% without; color
-77.8% / 56.9%. Not yet at the issue's 90%: the evaluator reads 87.5% on the demo autoencoder's
-own reconstructions (its ceiling here), and 700 steps leave colors mixed between classes.
+      --checkpoint workdirs/demo/class_ldm --out workdirs/demo/class_fidelity
+Measured 2026-11-29 (v-prediction, lr 2e-3, the demo's UNet; 8 images per class, 50 DDIM steps):
+class (color and shape) 97.9% with guidance 3, 80.6% without; 96.5% at step 500 (BENCHMARKS.md).
 Arguments: `tiny` (a 2-step smoke run on 64 images, for tests).
 """
 

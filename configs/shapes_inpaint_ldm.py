@@ -1,9 +1,9 @@
 """An inpainting LDM on the embedded shapes: the demo's text-to-image model (configs/shapes_ldm.py)
 with the mask and the masked image's latents concatenated to the UNet's input (4 + 1 + 4 = 9
-channels, the SD inpainting layout), on the demo's stage-1 autoencoder.
+channels, the SD inpainting layout), on the conditioning demos' first stage (configs/shapes_autoencoder.py:layouts).
 
   python train.py --config configs/shapes_inpaint_ldm.py --workdir workdirs/demo/inpaint \
-      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder
+      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder_layouts
 Masks (random rectangles and strokes, the whole image for a quarter of the examples) are drawn in
 the train step; sample with `sampling.image_conditioned.inpaint`.
 Arguments: `tiny` (a 2-step smoke run on a smaller UNet and a random autoencoder, for tests).

@@ -6,7 +6,7 @@ models/conditioners/), whose output the UNet of configs/shapes_ldm.py attends to
 layout variant of the shapes dataset (data/shapes_layout.py); its "test" layouts each hold an
 object whose (color, shape, grid cell) training never showed. Stage 1 is the demo's autoencoder:
   python train.py --config configs/shapes_layout_ldm.py --workdir workdirs/shapes_layout_ldm \
-      --config.frozen.vae=workdirs/demo/autoencoder --config.data.data_dir=workdirs/demo/tfds
+      --config.frozen.vae=workdirs/demo/autoencoder_layouts --config.data.data_dir=workdirs/demo/tfds
   python -m latent_diffusion_jax.evaluation.shapes_demo --task layout \
       --checkpoint workdirs/shapes_layout_ldm --out workdirs/shapes_layout_ldm/layout_fidelity
 Measured with epsilon prediction, since changed to v (2026-11-29, a loaded 2-core machine, only

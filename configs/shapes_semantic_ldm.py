@@ -1,11 +1,11 @@
 """Semantic map -> image on the embedded shapes: the demo's text-to-image model
 (configs/shapes_ldm.py) with the segmentation map (0 background, 1 + color index * 3 + shape
 index: 19 classes, so the map alone fixes color, shape and place) as per-class shares of each
-latent cell, concatenated to the latents (4 + 19 = 23 channels). On the demo's stage-1
-autoencoder; the caption stays an input (give "" or the caption).
+latent cell, concatenated to the latents (4 + 19 = 23 channels). On the conditioning demos' first stage
+(configs/shapes_autoencoder.py:layouts); the caption stays an input (give "" or the caption).
 
   python train.py --config configs/shapes_semantic_ldm.py --workdir workdirs/demo/semantic \
-      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder
+      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder_layouts
 Sample with `sampling.image_conditioned.semantic_to_image(bundle, prompts, label_maps)`.
 Arguments: `tiny` (a 2-step smoke run on a smaller UNet and a random autoencoder, for tests).
 """

@@ -1,10 +1,11 @@
 """A x4 super-resolution LDM on the embedded shapes, in the SD x4 upscaler's layout: the demo's
 text-to-image model (configs/shapes_ldm.py) with the 8x8 low-res image (the latent's size)
 concatenated to the 4 latent channels (7 in all), noised to a random level in [0, 350] that is
-also the UNet's class label; on the demo's stage-1 autoencoder (f4: 32 -> 8).
+also the UNet's class label; on the conditioning demos' first stage
+(configs/shapes_autoencoder.py:layouts; f4: 32 -> 8).
 
   python train.py --config configs/shapes_sr_ldm.py --workdir workdirs/demo/sr \
-      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder
+      --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder_layouts
 Sample with `sampling.image_conditioned.upscale(bundle, prompts, low_res, noise_level=20)`.
 Arguments: `tiny` (a 2-step smoke run on a smaller UNet and a random autoencoder, for tests),
 `degradation=area|bilinear|bicubic` (how low-res images are made).

@@ -168,3 +168,25 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
   assert scale == pytest.approx(summary["latent_scale_factor"])
   np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"],
                                 final.params["vae"]["decoder"]["conv_out"]["kernel"])
+
+
+def test_layouts_first_stage_trains_on_multi_shape_images(tmp_path):
+  """`shapes_autoencoder.py:layouts` (the conditioning demos' first stage) trains on the layout
+  variant for 2400 steps; shrunk to 2 steps it trains and evaluates on layout images (its data
+  split is the layout one), and stage 2 loads it."""
+  from latent_diffusion_jax.training import driver
+  from latent_diffusion_jax.artifacts.workdir import load_first_stage
+  full = load_config_file(CONFIG + ":layouts")
+  assert full.data.shapes_variant == "layout" and full.training.num_steps == 2400
+  assert full.autoencoder.disc_start < full.training.num_steps
+  c = load_config_file(CONFIG + ":tiny,layouts")
+  tiny = _tiny_config(**{"data.data_dir": str(tmp_path / "tfds"),
+                         "training.async_checkpointing": False})
+  tiny.data.shapes_variant = c.data.shapes_variant
+  tiny.training.num_steps = c.training.num_steps
+  result = driver.train(tiny, str(tmp_path / "ae"))
+  assert result["step"] == 2
+  names = os.listdir(tmp_path / "tfds")
+  assert "shape_layouts" in names and "captioned_shapes" not in names, names
+  vae, params, scale = load_first_stage(str(tmp_path / "ae"))
+  assert isinstance(vae, AutoencoderKL) and scale > 0

@@ -99,7 +99,11 @@ def test_layout_parsing_and_errors():
   np.testing.assert_array_equal(got["layout_boxes"][0, 1], 0)
   params = cond.init(jax.random.key(0))
   out = cond.encode(params, got)
-  assert out.context.shape == (2, 10, 16) and out.class_labels is None
+  # One token per box slot; boxes are a set: swapping two boxes swaps their tokens.
+  assert out.context.shape == (2, 2, 16) and out.class_labels is None
+  swapped = {k: np.asarray(v)[:, ::-1] for k, v in got.items()}
+  np.testing.assert_allclose(cond.encode(params, swapped).context[1], out.context[1, ::-1],
+                             atol=1e-5)
   null = cond.null_inputs(2)
   assert not np.allclose(cond.encode(params, null).context, out.context)
   bad = {

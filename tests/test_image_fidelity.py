@@ -156,9 +156,10 @@ def test_image_fidelity_command_on_two_step_runs(tmp_path):
     out = tmp_path / f"{task}_out"
     # The semantic run also gets a bar no random model meets: the scores are still written.
     bar = ["--min_agreement", "1.01"] if task == "semantic" else []
+    keep = ["--keep_unmasked", "--max_outside_gap_db", "0"] if task == "inpaint" else []
     proc = _subprocess(["-m", "latent_diffusion_jax.cli.image_fidelity", "--task", task,
                         "--checkpoint", workdir, "--out", str(out), "--num_images", "4",
-                        "--steps", "2", "--batch_size", "4", *bar])
+                        "--steps", "2", "--batch_size", "4", *bar, *keep])
     if bar:
       assert proc.returncode != 0 and "below the bar: shape_agreement" in proc.stderr
       assert "Traceback" not in proc.stderr
@@ -170,6 +171,10 @@ def test_image_fidelity_command_on_two_step_runs(tmp_path):
       scores = json.load(f)
     assert scores["num_examples"] == 4 and len(scores["per_example"]) == 4
     assert os.path.isfile(out / "grid.png")
+    if keep:
+      # Composited: kept pixels are the input's (100 dB, the cap); the untrained model's are not.
+      assert scores["keep_unmasked"] and scores["psnr_outside"] == 100.0
+      assert scores["psnr_outside_model"] < 60.0 and "psnr_outside_model" in proc.stdout
   # A model of another kind is named.
   from latent_diffusion_jax.artifacts.workdir import load_bundle
   with pytest.raises(UserInputError, match="needs a model with upscaling conditioning"):
@@ -184,4 +189,26 @@ def test_inpaint_fidelity_renoises_with_a_text_to_image_model(tmp_path):
                                      out_dir=str(tmp_path / "out"))
   assert scores["mode"] == "inpaint_renoise" and scores["num_examples"] == 2
   assert 0.0 < scores["psnr_outside"] < 100.0
+  assert scores["psnr_outside_model"] == scores["psnr_outside"] and not scores["keep_unmasked"]
+  # The library's keep_unmasked: the mask is the alpha of a composite over the input image.
+  from latent_diffusion_jax.sampling.image_conditioned import generate_from_images
+  rng = np.random.default_rng(0)
+  size = bundle.image_size
+  image = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+  mask = np.zeros((1, size, size), np.float32)
+  mask[:, : size // 2] = 1.0
+  mask[:, size // 2, : size // 2] = 0.25
+  kw = dict(init_image=image, mask_image=mask, num_steps=2, guidance_scale=1.0,
+            output_type="float")
+  plain = generate_from_images(bundle, [""], **kw)
+  kept = generate_from_images(bundle, [""], keep_unmasked=True, **kw)
+  unit = image / 255.0
+  np.testing.assert_allclose(kept[:, size // 2 + 1:], unit[:, size // 2 + 1:], atol=1e-6)
+  np.testing.assert_allclose(kept[:, : size // 2], plain[:, : size // 2], atol=1e-6)
+  np.testing.assert_allclose(kept[:, size // 2, : size // 2],
+                             0.25 * plain[:, size // 2, : size // 2]
+                             + 0.75 * unit[:, size // 2, : size // 2], atol=1e-5)
+  assert np.abs(plain[:, size // 2 + 1:] - unit[:, size // 2 + 1:]).max() > 0.01
+  with pytest.raises(UserInputError, match="keep_unmasked is an inpainting setting"):
+    generate_from_images(bundle, [""], init_image=image, keep_unmasked=True, num_steps=2)
   assert os.path.isfile(tmp_path / "out" / "inpaint_fidelity.json")

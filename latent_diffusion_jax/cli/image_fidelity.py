@@ -30,6 +30,10 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per sampling batch.")
 _QUADRANT = flags.DEFINE_string("quadrant", "shape", "inpaint: the masked quadrant: 'shape' (the "
                                 "one holding the shape) or 'top left', ... .")
 _STRENGTH = flags.DEFINE_float("strength", 1.0, "inpaint: strength in (0, 1].")
+_KEEP_UNMASKED = flags.DEFINE_boolean(
+    "keep_unmasked", False, "inpaint: composite the results over the inputs (sample.py "
+    "--keep_unmasked), so kept pixels are the input's; the model's own outside-mask PSNR is "
+    "still reported (psnr_outside_model).")
 _NOISE_LEVEL = flags.DEFINE_integer("noise_level", 20, "sr: the low-res image's noise level.")
 _PROMPT = flags.DEFINE_enum("prompt", "caption", ["caption", "empty"],
                             "semantic: each map's caption, or '' for all.")
@@ -46,7 +50,7 @@ flags.mark_flags_as_required(["task", "checkpoint"])
 _ROWS = {
     "inpaint": (("color", "%"), ("shape", "%"), ("position", "%"), ("color_and_shape", "%"),
                 ("psnr_outside", "dB"), ("psnr_outside_reconstruction", "dB"),
-                ("outside_gap_db", "dB")),
+                ("outside_gap_db", "dB"), ("psnr_outside_model", "dB")),
     "sr": (("psnr", "dB"), ("psnr_bicubic", "dB"), ("ssim", ""), ("ssim_bicubic", ""),
            ("detector_agreement", "%"), ("detector_agreement_bicubic", "%")),
     "semantic": (("shape_agreement", "%"), ("background_agreement", "%"),
@@ -107,7 +111,8 @@ def main(argv):
   if task == "inpaint":
     from latent_diffusion_jax.evaluation import inpaint_fidelity
     scores = inpaint_fidelity.evaluate(bundle, quadrant=_QUADRANT.value,
-                                       strength=_STRENGTH.value, **common)
+                                       strength=_STRENGTH.value,
+                                       keep_unmasked=_KEEP_UNMASKED.value, **common)
   elif task == "sr":
     from latent_diffusion_jax.evaluation import sr_fidelity
     scores = sr_fidelity.evaluate(bundle, noise_level=_NOISE_LEVEL.value, **common)

@@ -104,26 +104,35 @@ def _cell_of(mask: np.ndarray, size: int) -> Optional[str]:
 
 def evaluate(bundle, *, num_images: int = 96, quadrant: str = "shape", seed: int = 1234,
              num_steps: int = 50, guidance_scale: float = 3.0, sampler: str = "ddim",
-             strength: float = 1.0, batch_size: int = 64, out_dir: Optional[str] = None,
-             progress=None) -> Dict[str, Any]:
+             strength: float = 1.0, keep_unmasked: bool = False, batch_size: int = 64,
+             out_dir: Optional[str] = None, progress=None) -> Dict[str, Any]:
   """Inpaints held-out test images with `bundle` (an inpainting or a text-to-image model) and
-  scores them; writes images and scores (inpaint_fidelity.json) to `out_dir` when given."""
+  scores them; writes images and scores (inpaint_fidelity.json) to `out_dir` when given.
+  `keep_unmasked`: composite the results over the inputs (`image_conditioned.generate_from_images`);
+  the outside-mask PSNR is then that of identical pixels (100 dB) and the model's own is reported
+  as "psnr_outside_model"."""
   from latent_diffusion_jax.sampling.image_conditioned import inpaint, mode_for
   size = bundle.image_size
   images, captions, attributes = held_out_images.held_out_examples(num_images, size)
   masks = quadrant_masks(attributes, size, quadrant)
   mode = mode_for(bundle, init_image=True, mask=True)
   t0 = time.perf_counter()
-  generated = inpaint(bundle, captions, images, masks, strength=strength, seed=seed,
-                      num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
-                      batch_size=min(batch_size, num_images), progress_fn=progress)
+  model_output = inpaint(bundle, captions, images, masks, strength=strength, seed=seed,
+                         num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
+                         batch_size=min(batch_size, num_images), progress_fn=progress)
   seconds = time.perf_counter() - t0
+  # The masks are binary, so `keep_unmasked`'s alpha composite is a choice per pixel.
+  generated = (np.where(masks[..., None] > 0, model_output, images) if keep_unmasked
+               else model_output)
   reconstructions = held_out_images.reconstruct(bundle, images)
   scores = inpaint_scores(generated, images, reconstructions, masks, attributes)
   per_example = scores.pop("per_example")
+  outside = ~(np.asarray(masks) > 0)
   scores.update(task="inpaint", mode=mode, quadrant=quadrant, seconds=seconds, seed=seed,
                 num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
-                strength=strength)
+                strength=strength, keep_unmasked=keep_unmasked,
+                psnr_outside_model=float(np.mean(
+                    held_out_images.masked_psnr(model_output, images, outside))))
   if out_dir:
     from latent_diffusion_jax.core.images import save_images
     os.makedirs(out_dir, exist_ok=True)

@@ -325,7 +325,8 @@ def _host_noise(seed, indices, shapes: dict) -> tuple:
 def generate_from_images(
     bundle: ModelBundle, prompts: Sequence[str], *, init_image: Any = None, mask_image: Any = None,
     strength: float = 1.0, low_res_image: Any = None, noise_level: int = 20,
-    semantic_map: Any = None, negative_prompt: Any = "", seed: int = 0, num_steps: int = 50,
+    semantic_map: Any = None, keep_unmasked: bool = False, negative_prompt: Any = "",
+    seed: int = 0, num_steps: int = 50,
     guidance_scale: float = 7.5, sampler: str = "ddim", eta: float = 0.0,
     batch_size: Optional[int] = None, mesh=None, noise: Optional[Mapping[str, np.ndarray]] = None,
     output_type: str = "uint8", dynamic_threshold: Optional[float] = None,
@@ -343,6 +344,9 @@ def generate_from_images(
     low_res_image: upscaling: [N or 1, h, w, 3] images; the result is f times larger.
     noise_level: upscaling: the low-res image's noise level, in [0, max_noise_level].
     semantic_map: int class ids [N or 1, H, W] (semantic models).
+    keep_unmasked: inpainting: composite the result over init_image with the mask as alpha, so
+      pixels outside the mask are the input's exactly (diffusers' `apply_overlay`); without it
+      they are what the first stage's decoder makes of the kept latents.
     negative_prompt, seed, num_steps, guidance_scale, sampler, eta, batch_size, mesh,
       output_type, params, progress_fn, first_index: as in `generation.generate`.
     noise: replaces seeded random inputs: "latents" [N, h, w, c] (initial noise), "image" and
@@ -411,6 +415,9 @@ def generate_from_images(
     size = labels.shape[1:3]
     _check_image_size(size, "semantic_map", total, why)
     inputs["labels"] = labels
+  if keep_unmasked and mode not in ("inpaint", "inpaint_renoise"):
+    raise UserInputError(f"keep_unmasked is an inpainting setting (init_image and mask_image); "
+                         f"got it for {mode}.")
   start_step = 0
   if mode in ("img2img", "inpaint", "inpaint_renoise"):
     start_step = samplers.start_step_for_strength(num_steps, strength)
@@ -459,6 +466,9 @@ def generate_from_images(
     if progress_fn is not None:
       progress_fn(i + 1, num_batches, len(outputs[-1]))
   images = np.concatenate(outputs, axis=0)
+  if keep_unmasked:
+    alpha = inputs["mask"]
+    images = alpha * np.clip(np.asarray(images, np.float32), -1.0, 1.0) + (1.0 - alpha) * inputs["image"]
   return pixels.to_unit(images) if output_type == "float" else generation.to_uint8(images)
 
 

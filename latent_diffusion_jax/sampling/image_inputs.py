@@ -21,6 +21,7 @@ class ImageInputs:
     low_res_image: an RGB image to upscale.
     noise_level: the low-res image's noise level (upscaling).
     semantic_map: a single-channel image of class ids (semantic models).
+    keep_unmasked: inpainting: pixels outside the mask are init_image's exactly.
   """
   init_image: Optional[str] = None
   mask_image: Optional[str] = None
@@ -28,6 +29,7 @@ class ImageInputs:
   low_res_image: Optional[str] = None
   noise_level: int = 20
   semantic_map: Optional[str] = None
+  keep_unmasked: bool = False
 
   @property
   def given(self) -> bool:
@@ -46,6 +48,8 @@ class ImageInputs:
       out["noise_level"] = self.noise_level
     if self.semantic_map is not None:
       out["semantic_map"] = _read(self.semantic_map, "semantic_map", None)[None].astype(np.int32)
+    if self.keep_unmasked:
+      out["keep_unmasked"] = True
     return out
 
   def settings(self) -> Dict[str, Any]:

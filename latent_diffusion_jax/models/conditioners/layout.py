@@ -1,9 +1,9 @@
 """Layouts as conditioning: the LDM paper's layout-to-image model.
 
-Each box becomes five tokens, its class and its four coordinates quantized to `num_bins` bins,
-which a trained transformer turns into the cross-attention context [B, 5 * max_boxes, D]. Padding
-boxes (class -1) and the null layout of classifier-free guidance use the extra class index
-`num_classes` and bin 0.
+Each box becomes one token, the sum of its class's embedding and the embeddings of its four
+coordinates quantized to `num_bins` bins (a table per coordinate), and a trained transformer turns
+the boxes into the cross-attention context [B, max_boxes, D]. Padding boxes (class -1) and the
+null layout of classifier-free guidance use the extra class index `num_classes` and bin 0.
 
 A layout for sampling is a list of objects, each a (box, class) pair or a mapping
 {"box": [x0, y0, x1, y1], "class": index or name}, optionally wrapped as {"objects": [...]}; box
@@ -22,9 +22,6 @@ from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.conditioners.base import Conditioner, Conditioning, Inputs
 from latent_diffusion_jax.models.text_encoders import LDMBlock
 
-TOKENS_PER_BOX = 5
-
-
 class LayoutEncoder(nn.Module):
   """(layout_boxes [B, M, 4] in [0, 1], layout_classes [B, M], -1 = none) -> Conditioning."""
   num_classes: int
@@ -42,21 +39,21 @@ class LayoutEncoder(nn.Module):
   @nn.compact
   def __call__(self, layout_boxes: jnp.ndarray, layout_classes: jnp.ndarray) -> Conditioning:
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    b, m = layout_classes.shape
     classes = layout_classes.astype(jnp.int32)
     empty = classes < 0
     classes = jnp.where(empty, self.num_classes, classes)
     bins = jnp.clip(jnp.floor(layout_boxes.astype(jnp.float32) * self.num_bins), 0,
                     self.num_bins - 1).astype(jnp.int32)
     bins = jnp.where(empty[..., None], 0, bins)
-    cls_tok = layers.embed(self.num_classes + 1, self.width, axes=("vocab", "embed"),
-                           name="class_embedding", **kw)(classes)[:, :, None]
-    coord_tok = layers.embed(self.num_bins, self.width, axes=("vocab", "embed"),
-                             name="coordinate_embedding", **kw)(bins)
-    x = jnp.concatenate([cls_tok, coord_tok], axis=2)  # [B, M, 5, W]
-    x = x.reshape(b, m * TOKENS_PER_BOX, self.width)
-    x = x + layers.embed(self.max_boxes * TOKENS_PER_BOX, self.width, axes=(None, "embed"),
-                         name="position_embedding", **kw)(jnp.arange(m * TOKENS_PER_BOX)[None])
+    # One token per box: its class embedding plus one embedding per quantized coordinate (a table
+    # per coordinate: x0, y0, x1, y1), so each token carries what and where together and the
+    # UNet's cross-attention reads a box from one token. Boxes form a set: no slot embedding.
+    tok = layers.embed(self.num_classes + 1, self.width, axes=("vocab", "embed"),
+                       name="class_embedding", stddev=1.0, **kw)(classes)
+    offsets = jnp.arange(4, dtype=jnp.int32) * self.num_bins
+    coords = layers.embed(4 * self.num_bins, self.width, axes=("vocab", "embed"),
+                          name="coordinate_embedding", stddev=0.5, **kw)(bins + offsets)
+    x = tok + coords.sum(axis=2)  # [B, M, W]
     for i in range(self.depth):
       x = LDMBlock(self.heads, self.head_dim, 4.0, self.attention_impl, name=f"layers_{i}", **kw)(x)
     x = layers.layer_norm(1e-5, name="final_layer_norm", **kw)(x)
