@@ -77,7 +77,7 @@ demo-layout: venv $(DEMO_AE_LAYOUTS)/stage1.json
 	$(PY) train.py --config configs/shapes_layout_ldm.py --workdir $(DEMO)/layout_ldm \
 	  --config.data.data_dir=$(DEMO)/tfds --config.frozen.vae=$(DEMO_AE_LAYOUTS)
 	$(PY) -m latent_diffusion_jax.evaluation.shapes_demo --task layout --checkpoint $(DEMO)/layout_ldm \
-	  --out $(DEMO)/layout_fidelity
+	  --out $(DEMO)/layout_fidelity --min_accuracy 0.8
 
 # A ControlNet on top of `make demo`'s LDM (run that first): outline maps place the shape, the
 # prompt never names the position; then placement on held-out layouts, with and without it.

@@ -7,6 +7,7 @@ latent cell, concatenated to the latents (4 + 19 = 23 channels). On the conditio
   python train.py --config configs/shapes_semantic_ldm.py --workdir workdirs/demo/semantic \
       --config.data.data_dir=workdirs/demo/tfds --config.frozen.vae=workdirs/demo/autoencoder_layouts
 Sample with `sampling.image_conditioned.semantic_to_image(bundle, prompts, label_maps)`.
+Measured 2026-11-29 (96 held-out maps): 99.4% of shape pixels take the map's color (BENCHMARKS.md).
 Arguments: `tiny` (a 2-step smoke run on a smaller UNet and a random autoencoder, for tests).
 """
 
