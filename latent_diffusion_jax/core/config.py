@@ -497,8 +497,9 @@ def copy_first_stage(stage2: mc.ConfigDict, stage1: mc.ConfigDict) -> mc.ConfigD
 
 def image_conditioned_shapes(configs_dir: str, kind: str, tiny: bool) -> mc.ConfigDict:
   """`configs_dir`/shapes_ldm.py with `model.image_conditioning.kind=kind` on the conditioning
-  demos' first stage (configs/shapes_autoencoder.py:layouts, as the Makefile trains it), for configs/shapes_{inpaint,sr,semantic}_ldm.py; `tiny`: a 2-step run
-  of a smaller UNet on a random autoencoder of the demo's layout (tests)."""
+  demos' first stage (configs/shapes_autoencoder.py:layouts, as the Makefile trains it), for
+  configs/shapes_{inpaint,sr,semantic}_ldm.py; `tiny`: a 2-step run of a smaller UNet on a random
+  autoencoder of the demo's layout (tests)."""
   c = load_config_file(os.path.join(configs_dir, "shapes_ldm.py") + (":tiny" if tiny else ""))
   c.model.image_conditioning.kind = kind
   c.frozen.vae = "workdirs/demo/autoencoder_layouts"

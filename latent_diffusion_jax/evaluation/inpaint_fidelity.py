@@ -111,7 +111,7 @@ def evaluate(bundle, *, num_images: int = 96, quadrant: str = "shape", seed: int
   `keep_unmasked`: composite the results over the inputs (`image_conditioned.generate_from_images`);
   the outside-mask PSNR is then that of identical pixels (100 dB) and the model's own is reported
   as "psnr_outside_model"."""
-  from latent_diffusion_jax.sampling.image_conditioned import inpaint, mode_for
+  from latent_diffusion_jax.sampling.image_conditioned import composite_unmasked, inpaint, mode_for
   size = bundle.image_size
   images, captions, attributes = held_out_images.held_out_examples(num_images, size)
   masks = quadrant_masks(attributes, size, quadrant)
@@ -121,9 +121,9 @@ def evaluate(bundle, *, num_images: int = 96, quadrant: str = "shape", seed: int
                          num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
                          batch_size=min(batch_size, num_images), progress_fn=progress)
   seconds = time.perf_counter() - t0
-  # The masks are binary, so `keep_unmasked`'s alpha composite is a choice per pixel.
-  generated = (np.where(masks[..., None] > 0, model_output, images) if keep_unmasked
-               else model_output)
+  # The masks are binary (0 / 255): the composite of uint8 images stays exact.
+  generated = (composite_unmasked(model_output, images, masks / 255.0).astype(np.uint8)
+               if keep_unmasked else model_output)
   reconstructions = held_out_images.reconstruct(bundle, images)
   scores = inpaint_scores(generated, images, reconstructions, masks, attributes)
   per_example = scores.pop("per_example")

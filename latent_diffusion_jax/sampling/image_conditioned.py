@@ -467,9 +467,19 @@ def generate_from_images(
       progress_fn(i + 1, num_batches, len(outputs[-1]))
   images = np.concatenate(outputs, axis=0)
   if keep_unmasked:
-    alpha = inputs["mask"]
-    images = alpha * np.clip(np.asarray(images, np.float32), -1.0, 1.0) + (1.0 - alpha) * inputs["image"]
+    images = composite_unmasked(np.clip(images, -1.0, 1.0), inputs["image"], inputs["mask"])
   return pixels.to_unit(images) if output_type == "float" else generation.to_uint8(images)
+
+
+def composite_unmasked(generated: np.ndarray, init_image: np.ndarray, mask: np.ndarray
+                       ) -> np.ndarray:
+  """Inpainting results over their inputs with the mask as alpha (1 = generated), float32;
+  `generated` and `init_image` [N, H, W, 3] in one range, `mask` [N, H, W(, 1)] in [0, 1]."""
+  alpha = np.asarray(mask, np.float32)
+  if alpha.ndim == 3:
+    alpha = alpha[..., None]
+  return alpha * np.asarray(generated, np.float32) + (1.0 - alpha) * np.asarray(init_image,
+                                                                               np.float32)
 
 
 def _settings(bundle, mode, sampler, num_steps, guidance_scale, eta, start_step,
