@@ -43,6 +43,9 @@ def get_config(arg=None):
   # model, its loss and a longer run differ.
   c = load_config_file(os.path.join(_HERE, "shapes_autoencoder.py") + (":tiny" if args.tiny else ""))
   first_stage(c)
+  # Measured on the single-shape images (BENCHMARKS.md, `make demo-vq`); the KL demo's stage 1
+  # moved to the multi-shape layout images after that run.
+  c.data.shapes_variant = "single"
   a = c.autoencoder
   a.vq_beta = 0.25
   a.codebook_weight = 1.0

@@ -171,14 +171,20 @@ def test_train_checkpoint_restore_and_load_for_stage2(tmp_path):
 
 
 def test_layouts_first_stage_trains_on_multi_shape_images(tmp_path):
-  """`shapes_autoencoder.py:layouts` (the conditioning demos' first stage) trains on the layout
-  variant for 2400 steps; shrunk to 2 steps it trains and evaluates on layout images (its data
-  split is the layout one), and stage 2 loads it."""
+  """`shapes_autoencoder.py` (`make demo`'s first stage, 850 steps) and `:layouts` (the conditioning
+  demos', 2400 steps) train on the layout variant; the VQ demo's stays on single shapes. Shrunk to
+  2 steps it trains and evaluates on layout images (its data split is the layout one), and stage 2
+  loads it."""
   from latent_diffusion_jax.training import driver
   from latent_diffusion_jax.artifacts.workdir import load_first_stage
   full = load_config_file(CONFIG + ":layouts")
   assert full.data.shapes_variant == "layout" and full.training.num_steps == 2400
   assert full.autoencoder.disc_start < full.training.num_steps
+  demo = load_config_file(CONFIG)
+  assert demo.data.shapes_variant == "layout" and demo.training.num_steps == 850
+  assert demo.autoencoder.disc_start < demo.training.num_steps
+  vq = load_config_file(os.path.join(os.path.dirname(CONFIG), "shapes_vq_autoencoder.py"))
+  assert vq.data.shapes_variant == "single"
   c = load_config_file(CONFIG + ":tiny,layouts")
   tiny = _tiny_config(**{"data.data_dir": str(tmp_path / "tfds"),
                          "training.async_checkpointing": False})

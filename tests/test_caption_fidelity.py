@@ -75,3 +75,21 @@ def test_per_example_results_and_wrong_attributes(dataset):
   assert first["expected"]["color"] == wrong[0]["color"] and not first["color"]
   with pytest.raises(ValueError, match="attribute"):
     caption_fidelity.caption_fidelity(images[:2], attributes[:3])
+
+
+def test_demo_bar_counts_all_three_attributes(dataset):
+  """`make demo`'s pass/fail bar (shapes_demo --min_accuracy) reads the share of images with color,
+  position and shape all right; color and position only when asked (--caption_bar)."""
+  from latent_diffusion_jax.evaluation import shapes_demo
+  images, attributes = dataset
+  # Right color and position, wrong shape on the first three of eight.
+  expected = [dict(a, shape=next(s for s in shapes.SHAPES if s != a["shape"])) if i < 3 else a
+              for i, a in enumerate(attributes[:8])]
+  scores = dict(caption_fidelity.caption_fidelity(images[:8], expected), task="caption",
+                num_examples=8)
+  assert scores["color_and_position"] == 1.0 and scores["all"] == 5 / 8
+  assert shapes_demo.headline(scores) == 5 / 8
+  assert shapes_demo.headline(scores, "color_and_position") == 1.0
+  assert "all three 62.5%" in shapes_demo.summary_line(scores)
+  with pytest.raises(ValueError, match="caption_bar"):
+    shapes_demo.headline(scores, "shape")

@@ -161,3 +161,17 @@ def test_caption_word_use_bench_reads_the_trained_run(trained):
     assert len(cells) == 5  # right, three swaps, empty
     assert float(cells[0][1]) == 0.0  # the right caption against itself
     assert all(0 < float(loss) < 1e3 for loss, _ in cells)
+
+
+def test_stage1_ceiling_bench_reads_the_trained_first_stage(trained):
+  import re
+  _, ae, _, _ = trained
+  proc = _run(["bench/stage1_ceiling.py", "--workdir", ae, "--num_images", "12"])
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 2 and lines[0].startswith("real images:") and lines[1].startswith(ae)
+  # The detector reads every real test shape right; a 2-step autoencoder's reconstructions are
+  # scored with the same fields.
+  assert "color 100.0%, position 100.0%, shape 100.0%" in lines[0]
+  for line in lines:
+    values = [float(v) for v in re.findall(r"([\d.]+)%", line)]
+    assert len(values) >= 4 and all(0.0 <= v <= 100.0 for v in values), line
