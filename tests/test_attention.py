@@ -73,3 +73,19 @@ def test_auto_is_chunked_on_cpu_only_where_logits_outgrow_a_block():
   # SD's first level at 32x32 latents: 1024 tokens, 8 heads -> 64 MiB of logits for 2 images.
   assert is_blocked(jax.ShapeDtypeStruct((2, 1024, 8, 8), jnp.float32))
   assert not is_blocked(jax.ShapeDtypeStruct((2, 64, 8, 8), jnp.float32))
+
+
+def test_auto_keeps_the_written_out_form_for_short_sequences_on_cpu():
+  """The model default ("auto"): chunked only for long self-attention; the embedded demos' 8x8
+  latents (64 tokens, batch 64) and cross-attention run exactly the "xla" form."""
+  from latent_diffusion_jax.core.config import base_config
+  from latent_diffusion_jax.models.attention import auto_implementation
+  assert base_config().model.attention_impl == "auto"
+  s = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+  assert auto_implementation(s(1, 1024, 8, 40), s(1, 1024, 8, 40)) == "chunked"
+  assert auto_implementation(s(1, 512, 8, 40), s(1, 512, 8, 40)) == "chunked"
+  assert auto_implementation(s(4, 256, 8, 40), s(4, 256, 8, 40)) == "xla"
+  assert auto_implementation(s(4, 1024, 8, 40), s(4, 77, 8, 40)) == "xla"
+  q, k, v = _qkv(3, b=64, lq=64, lk=64, h=4, d=16)
+  np.testing.assert_array_equal(dot_product_attention(q, k, v, implementation="auto"),
+                                dot_product_attention(q, k, v, implementation="xla"))

@@ -46,10 +46,9 @@ def base_config() -> mc.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   # Attention kernel: "xla", "jax", "cudnn", "chunked" or "auto" (see models/attention.py); "auto"
-  # is cuDNN flash attention on GPUs in half precision, "chunked" on CPUs, else "jax". The default
-  # stays "xla" until the embedded demo is re-measured with "auto" (one demo run with it fell
-  # below the demo's accuracy bar; see issue 18).
-  c.model.attention_impl = "xla"
+  # is cuDNN flash attention on GPUs in half precision, on CPUs "chunked" for long self-attention
+  # (>= 512x512 tokens) and "xla" below that (the embedded demos' 8x8 latents), else "jax".
+  c.model.attention_impl = "auto"
   # Image resolution in pixels; latents are image_size / 2^(len(vae.block_out_channels)-1).
   c.model.image_size = 512
 

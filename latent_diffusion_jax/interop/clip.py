@@ -30,7 +30,7 @@ def _rename_torch_key(key: str) -> Optional[str]:
 
 
 def load_clip_text_model(directory: str, *, dtype: Any = jnp.float32, param_dtype: Any = None,
-                         output_layer: str = "last", attention_impl: str = "xla",
+                         output_layer: str = "last", attention_impl: str = "auto",
                          allow_pickle: bool = False) -> Tuple[CLIPTextModel, Dict[str, Any]]:
   """Loads a transformers `CLIPTextModel` directory (config.json + model.safetensors).
 

@@ -8,8 +8,11 @@ Implementations:
   "chunked": the "xla" formula over blocks of queries (`lax.map`), each block's backward
              recomputing its probabilities (`jax.checkpoint`): the [B, H, Lq, Lk] logits never exist
              at once, and a block's logits stay in the CPU cache. Equal to "xla" up to rounding.
-  "auto":    "cudnn" where it applies (GPU, half precision, no explicit mask); on CPU "chunked";
-             otherwise "jax".
+  "auto":    "cudnn" where it applies (GPU, half precision, no explicit mask); on CPU "chunked"
+             for long sequences (one image-head's float32 logits >= CHUNK_MIN_LOGITS_BYTES, e.g.
+             SD's 1024-token first level) and "xla" for short ones (cross-attention, the 8x8
+             latents of the embedded demos), where the logits stay in cache; otherwise "jax".
+             The model default.
 
 Why "chunked" on CPU: XLA:CPU writes and rereads the full logits several times (scale, max,
 exp, sum, normalize, and again in the backward). At SD's 32x32 latents (1024 tokens, 8 heads)
@@ -30,14 +33,17 @@ IMPLEMENTATIONS = ("xla", "jax", "cudnn", "chunked", "auto")
 # Bytes of float32 logits one "chunked" block holds (all batch rows and heads of a query block):
 # about the size of an L2 cache, measured fastest on a 2-core EPYC (bench/attention_blocks.py).
 LOGITS_BLOCK_BYTES = 2 * 2**20
+# "auto" on CPU chunks self-attention from 512x512 tokens of logits per image and head (1 MiB in
+# float32) up: measured faster at 1024 tokens; shorter sequences keep the written-out form.
+CHUNK_MIN_LOGITS_BYTES = 2**20
 
 
 def _xla_attention(q, k, v, mask, upcast: bool):
   # The logits are scaled and the weights normalized as written. Scaling q and normalizing the
   # output instead (the chunked kernel's form, `_block_attention`) is 1.75x faster per UNet call on
-  # XLA:CPU (bench/attention_formulation.py), but `make demo` trained with it fell from 95% to 75%
-  # color+position, as it did with chunked attention; kept out of the default until that is
-  # understood (issue 18).
+  # XLA:CPU at 1024 tokens (bench/attention_formulation.py); "auto" runs that form, chunked, for
+  # long sequences only, and this one for the short sequences the embedded demos were measured
+  # with (an epsilon-prediction `make demo` trained with the other form scored 75% against 95%).
   scale = 1.0 / math.sqrt(q.shape[-1])
   compute = jnp.float32 if upcast else q.dtype
   logits = jnp.einsum("bqhd,bkhd->bhqk", q.astype(compute), k.astype(compute)) * scale
@@ -105,6 +111,15 @@ def _cudnn_applies(q, mask) -> bool:
           and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] <= 128)
 
 
+def auto_implementation(q: jnp.ndarray, k: jnp.ndarray, mask: Optional[jnp.ndarray] = None) -> str:
+  """What "auto" runs for these shapes on this backend (see the module docstring)."""
+  if _cudnn_applies(q, mask):
+    return "cudnn"
+  if jax.default_backend() == "cpu":
+    return "chunked" if q.shape[1] * k.shape[1] * 4 >= CHUNK_MIN_LOGITS_BYTES else "xla"
+  return "jax"
+
+
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
                           mask: Optional[jnp.ndarray] = None, is_causal: bool = False,
                           implementation: str = "xla", upcast: bool = True) -> jnp.ndarray:
@@ -127,8 +142,7 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, *,
     raise UserInputError(f"Unknown attention implementation {implementation!r}; "
                      f"valid: {', '.join(IMPLEMENTATIONS)}.")
   if implementation == "auto":
-    implementation = ("cudnn" if _cudnn_applies(q, mask) else
-                      "chunked" if jax.default_backend() == "cpu" else "jax")
+    implementation = auto_implementation(q, k, mask)
   if implementation in ("xla", "chunked"):
     if is_causal:
       causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), dtype=bool))[None, None]

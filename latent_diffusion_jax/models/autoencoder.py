@@ -80,7 +80,7 @@ class Encoder(nn.Module):
   # False for the VQ model, whose encoder emits latents rather than Gaussian moments.
   double_z: bool = True
   mid_block_attention: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -107,7 +107,7 @@ class Decoder(nn.Module):
   out_channels: int = 3
   groups: int = 32
   mid_block_attention: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -176,7 +176,7 @@ class AutoencoderKL(nn.Module):
   norm_num_groups: int = 32
   use_quant_conv: bool = True
   mid_block_attention: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

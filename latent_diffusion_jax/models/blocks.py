@@ -70,7 +70,7 @@ class SpatialSelfAttention(nn.Module):
   heads: int = 1
   groups: int = 32
   eps: float = 1e-6
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -84,7 +84,7 @@ class CLIPVisionTransformer(nn.Module):
   num_attention_heads: int = 16
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -102,7 +102,7 @@ class ControlNetModel(nn.Module):
   freq_shift: int = 0
   dropout: float = 0.0
   remat: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   conditioning_channels: int = 3
   conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
   conditioning_channel_order: str = "rgb"

@@ -78,7 +78,7 @@ class SelfAttention(nn.Module):
   causal: bool = False
   qkv_bias: bool = True
   names: Tuple[str, str, str, str] = ("q_proj", "k_proj", "v_proj", "out_proj")
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -120,7 +120,7 @@ class CLIPEncoderLayer(nn.Module):
   num_attention_heads: int
   hidden_act: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   causal: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -193,7 +193,7 @@ class _CLIPTextFields(nn.Module):
   layer_norm_eps: float = 1e-5
   eos_token_id: int = _LEGACY_EOS_TOKEN_ID
   output_layer: str = "last"
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -317,7 +317,7 @@ class LDMBlock(nn.Module):
   heads: int
   head_dim: Optional[int]
   mlp_ratio: float
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -363,7 +363,7 @@ class LDMTextTransformer(nn.Module):
   heads: int = 8
   head_dim: Optional[int] = None
   mlp_ratio: float = 4.0
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -16,7 +16,7 @@ class Attention(nn.Module):
   heads: int
   head_dim: int
   upcast: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -70,7 +70,7 @@ class BasicTransformerBlock(nn.Module):
   heads: int
   head_dim: int
   upcast_attention: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   only_cross_attention: bool = False
@@ -95,7 +95,7 @@ class Transformer2D(nn.Module):
   use_linear_projection: bool = False
   upcast_attention: bool = False
   groups: int = 32
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   only_cross_attention: bool = False

@@ -157,7 +157,7 @@ class UNet2DConditionModel(nn.Module):
   freq_shift: int = 0
   dropout: float = 0.0
   remat: bool = False
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   only_cross_attention: Union[bool, Sequence[bool]] = False

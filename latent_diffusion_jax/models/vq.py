@@ -147,7 +147,7 @@ class VQModel(nn.Module):
   vq_embed_dim: int | None = None
   norm_num_groups: int = 32
   mid_block_attention: bool = True
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

@@ -32,7 +32,7 @@ class LayoutEncoder(nn.Module):
   heads: int
   head_dim: int
   context_width: int
-  attention_impl: str = "xla"
+  attention_impl: str = "auto"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
