@@ -61,7 +61,9 @@ def host_batch(config, batch: int):
   return {"moments": np.concatenate([mean, logvar], -1), "context": ctx.astype(np.float32)}
 
 
-def run_ours(config, unet, params, host, steps: int):
+def build_ours(config, unet, params, host):
+  """Our compiled train step on `host`'s batch: a dict with `one_step` (runs a step, returns the
+  loss), `sync`, the XLA `executable`, the `mesh` and the analytic FLOPs per step."""
   mesh = parallel.create_mesh(config.mesh.shape)
   rules = config.mesh.logical_axis_rules
   o = config.optimizer
@@ -92,14 +94,20 @@ def run_ours(config, unet, params, host, steps: int):
         forward, params, jnp.zeros((b, size, size, unet.in_channels), unet.dtype),
         jnp.zeros((b,), jnp.int32), jnp.zeros((b, CONTEXT_LENGTH, unet.cross_attention_dim),
                                                unet.dtype))
-  xla = flops_lib.step_flops(executable)
   holder = {"state": state}
 
   def one_step():
     holder["state"], metrics = compiled(holder["state"], batch, *extra)
     return metrics["loss"]
 
-  sync = lambda loss: float(jax.device_get(loss))
+  return {"one_step": one_step, "sync": lambda loss: float(jax.device_get(loss)),
+          "executable": executable, "mesh": mesh, "analytic": analytic}
+
+
+def run_ours(config, unet, params, host, steps: int):
+  built = build_ours(config, unet, params, host)
+  one_step, sync, executable, mesh = (built[k] for k in ("one_step", "sync", "executable", "mesh"))
+  analytic, xla = built["analytic"], flops_lib.step_flops(built["executable"])
   with sbs.PeakMemory("jax") as mem:
     times = sbs.timed(one_step, sync, steps)
   assert np.isfinite(sync(one_step())), "our step produced a non-finite loss"
@@ -111,7 +119,8 @@ def run_ours(config, unet, params, host, steps: int):
           "xla_temp_bytes_per_device": getattr(analysis, "temp_size_in_bytes", None)}
 
 
-def run_torch(config, model, host, steps: int, dtype: str, compile_model: bool):
+def build_torch(config, model, host, dtype: str, compile_model: bool):
+  """diffusers' train step on `host`'s batch: (one_step, sync)."""
   import torch
   device = sbs.torch_device()
   model = model.to(device).train()
@@ -153,6 +162,11 @@ def run_torch(config, model, host, steps: int, dtype: str, compile_model: bool):
       torch.cuda.synchronize()
     return value
 
+  return one_step, sync
+
+
+def run_torch(config, model, host, steps: int, dtype: str, compile_model: bool):
+  one_step, sync = build_torch(config, model, host, dtype, compile_model)
   with sbs.PeakMemory("torch") as mem:
     times = sbs.timed(one_step, sync, steps)
   return {"seconds_per_step": times["median"], "best_seconds_per_step": times["best"],

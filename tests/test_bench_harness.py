@@ -62,3 +62,16 @@ def test_sample_latency_two_steps(tmp_path):
     assert row[key] > 0, key
   assert r["steps"] == 2 and r["guidance"] > 1
   assert os.path.isfile(tmp_path / "pipeline" / "unet" / "config.json")
+
+
+def test_step_profile_classes_both_steps(tmp_path):
+  """bench/step_profile.py: our step's traced XLA ops and diffusers' aten ops, classed; the
+  convolutions and matmuls of the UNet show up on both sides."""
+  stdout, r = _run("bench/step_profile.py", ["--config", "tiny", "--batch", "2", "--steps", "1"],
+                   tmp_path)
+  assert "| class | ours s/step | diffusers eager s/step |" in stdout
+  for side in ("ours", "torch_eager"):
+    classes = r[side]["classes"]
+    assert r[side]["wall"] > 0
+    assert classes.get("convolution", 0) > 0 and classes.get("matmul", 0) > 0, (side, classes)
+    assert all(v >= 0 for v in classes.values())
