@@ -3,7 +3,7 @@ of our compiled step (XLA:CPU thunk events, each named by its HLO instruction an
 the instruction computes) and a torch.profiler table of diffusers' eager step (aten ops by name),
 same UNet, weights and batch as bench/train_throughput.py.
 
-  python bench/step_profile.py --config cpu_small --batch 4 --steps 3 [--top 12]
+  python bench/step_profile.py --config cpu_small --batch 4 --steps 3 [--top 5]
 
 Classes: convolution, matmul (dot), attention (ours: softmax exponentials and everything inside
 the chunked-attention loops; theirs: the fused scaled_dot_product kernels), normalization (torch
@@ -177,9 +177,11 @@ def table(ours, theirs, top: int) -> str:
   lines.append(f"| sum of op times | {sum(c_ours.values()):.3f} | {sum(c_theirs.values()):.3f} |")
   lines.append(f"| step wall time | {w_ours:.3f} | {w_theirs:.3f} |")
   for label, ops in (("ours", o_ours), ("diffusers eager", o_theirs)):
-    lines += ["", f"top {top} ops, {label}: s/step, class, op"]
-    for (op, cls), seconds in ops.most_common(top):
-      lines.append(f"  {seconds:.4f}  {cls:<20} {op}")
+    for cls in CLASSES:
+      top_ops = [(op, t) for (op, c), t in ops.most_common() if c == cls][:top]
+      if top_ops:
+        lines += ["", f"{label}, {cls}: top {len(top_ops)} ops, s/step"]
+        lines += [f"  {t:.4f}  {op}" for op, t in top_ops]
   return "\n".join(lines)
 
 
@@ -188,7 +190,7 @@ def main(argv=None) -> None:
   sbs.add_common_flags(p)
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--steps", type=int, default=3, help="profiled steps per side (after one untimed)")
-  p.add_argument("--top", type=int, default=12)
+  p.add_argument("--top", type=int, default=5, help="ops listed per class and side")
   args = p.parse_args(argv)
   config = sbs.configure(args)
   config.training.batch_size = args.batch
