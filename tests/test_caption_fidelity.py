@@ -80,7 +80,7 @@ def test_per_example_results_and_wrong_attributes(dataset):
 def test_demo_bar_counts_all_three_attributes(dataset):
   """`make demo`'s pass/fail bar (shapes_demo --min_accuracy) reads the share of images with color,
   position and shape all right; color and position only when asked (--caption_bar)."""
-  from latent_diffusion_jax.evaluation import shapes_demo
+  from latent_diffusion_jax.evaluation import shapes_scores
   images, attributes = dataset
   # Right color and position, wrong shape on the first three of eight.
   expected = [dict(a, shape=next(s for s in shapes.SHAPES if s != a["shape"])) if i < 3 else a
@@ -88,8 +88,8 @@ def test_demo_bar_counts_all_three_attributes(dataset):
   scores = dict(caption_fidelity.caption_fidelity(images[:8], expected), task="caption",
                 num_examples=8)
   assert scores["color_and_position"] == 1.0 and scores["all"] == 5 / 8
-  assert shapes_demo.headline(scores) == 5 / 8
-  assert shapes_demo.headline(scores, "color_and_position") == 1.0
-  assert "all three 62.5%" in shapes_demo.summary_line(scores)
+  assert shapes_scores.headline(scores) == 5 / 8
+  assert shapes_scores.headline(scores, "color_and_position") == 1.0
+  assert "all three 62.5%" in shapes_scores.summary_line(scores)
   with pytest.raises(ValueError, match="caption_bar"):
-    shapes_demo.headline(scores, "shape")
+    shapes_scores.headline(scores, "shape")
