@@ -168,12 +168,14 @@ def bitwise_differences(a: dict, b: dict) -> List[str]:
 
 
 def prepare_data(data_dir: str) -> str:
-  """Generates the :tiny config's dataset into `data_dir` once, so concurrent runs only read it."""
+  """Generates the datasets of both stages' :tiny configs into `data_dir` once (stage 1 reads the
+  layout images, stage 2 the captioned ones), so concurrent runs and processes only read them."""
   from latent_diffusion_jax.core.config import load_config_file
-  from latent_diffusion_jax.data import shapes_source
-  c = load_config_file(os.path.join(ROOT, "configs/shapes_ldm.py:tiny"))
-  shapes_source.load_split(data_dir, "train", num_train=c.data.num_train, num_test=c.data.num_test,
-                           image_size=c.model.image_size, seed=c.seed)
+  from latent_diffusion_jax.data.batches import load_shapes_split
+  for name in ("shapes_autoencoder.py:tiny", "shapes_ldm.py:tiny"):
+    c = load_config_file(os.path.join(ROOT, "configs", name))
+    c.data.data_dir = data_dir
+    load_shapes_split(c, data_dir, None, "train")
   return data_dir
 
 
