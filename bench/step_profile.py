@@ -32,12 +32,11 @@ import jax  # noqa: E402
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"(?:^|\s)([a-z][a-z0-9_\-]*)\(")
 _CALLS = re.compile(r"(?:calls|body|to_apply)=%?([\w.\-]+)")
-_BODY = re.compile(r"body=%?([\w.\-]+)")
 CONTAINERS = ("while", "call", "conditional")
 
 
 def parse_hlo(text: str):
-  """{instruction: (computation, opcode, [called computations], shape)} and {computation: [ops]}."""
+  """{instruction: (computation, opcode, [called computations])} and {computation: [ops]}."""
   instructions, members, computation = {}, collections.defaultdict(list), None
   for line in text.splitlines():
     stripped = line.strip()
@@ -51,9 +50,7 @@ def parse_hlo(text: str):
       continue
     name, rest = m.groups()
     op = _OPCODE.search(rest)
-    opcode = op.group(1) if op else "?"
-    shape = rest[:op.start()].strip() if op else ""
-    instructions[name] = (computation, opcode, _CALLS.findall(rest), shape)
+    instructions[name] = (computation, op.group(1) if op else "?", _CALLS.findall(rest))
     members[computation].append(name)
   return instructions, members
 
@@ -62,7 +59,7 @@ def classify_ours(instructions, members):
   """{instruction: class} for every instruction of the module."""
   loop_computations = set()
   frontier = []
-  for _, opcode, called, _ in instructions.values():
+  for _, opcode, called in instructions.values():
     if opcode == "while":
       frontier.extend(called)
   while frontier:  # everything a while loop runs, transitively
@@ -74,7 +71,7 @@ def classify_ours(instructions, members):
       frontier.extend(instructions[n][2])
 
   def content(name, seen):
-    computation, opcode, called, _ = instructions[name]
+    _, opcode, called = instructions[name]
     ops = {opcode}
     for c in called:
       if c not in seen:
@@ -84,7 +81,7 @@ def classify_ours(instructions, members):
     return ops
 
   classes = {}
-  for name, (computation, opcode, _, _) in instructions.items():
+  for name, (computation, opcode, _) in instructions.items():
     if opcode in CONTAINERS:
       classes[name] = None  # its body's ops are traced themselves
       continue
