@@ -1,8 +1,8 @@
-"""Times "chunked" attention (models/attention.py) against "xla" and PyTorch's fused
-`scaled_dot_product_attention` at one shape, forward and forward+backward, for several block
-sizes: how LOGITS_BLOCK_BYTES was chosen.
+"""Times "chunked" attention (models/chunked_attention.py) against "xla" and PyTorch's fused
+`scaled_dot_product_attention` at one shape, forward and forward+backward, for several tile
+budgets (each row names the tiles it gives): how LOGITS_BLOCK_BYTES was chosen.
 
-  python bench/attention_blocks.py --batch 4 --length 1024 --heads 8 --head_dim 8 --blocks_kib 512,2048,8192
+  python bench/attention_blocks.py --batch 4 --length 1024 --heads 8 --head_dim 8 --blocks_kib 2048,4096,8192,16384
 """
 
 import argparse
@@ -16,6 +16,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from latent_diffusion_jax.models.attention import chunked_attention, dot_product_attention
+from latent_diffusion_jax.models.chunked_attention import choose_tiles
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -52,7 +53,7 @@ def main():
   p.add_argument("--length", type=int, default=1024)
   p.add_argument("--heads", type=int, default=8)
   p.add_argument("--head_dim", type=int, default=8)
-  p.add_argument("--blocks_kib", default="512,1024,2048,4096,8192")
+  p.add_argument("--blocks_kib", default="2048,4096,8192,16384")
   p.add_argument("--repeats", type=int, default=5)
   a = p.parse_args()
   rng = np.random.default_rng(0)
@@ -64,7 +65,9 @@ def main():
   print("|---|---|---|")
   rows = [("xla", lambda q, k, v: dot_product_attention(q, k, v, implementation="xla"))]
   for kib in (int(x) for x in a.blocks_kib.split(",")):
-    rows.append((f"chunked {kib} KiB",
+    fold, g, c = choose_tiles(a.batch, a.heads, a.length, a.length, 4, kib * 1024)
+    tiles = f"{g} (image, head) row(s)" if fold else f"{g} head(s) x {a.batch} images"
+    rows.append((f"chunked {kib} KiB: {tiles} x {c} queries",
                  lambda q, k, v, kib=kib: chunked_attention(q, k, v, block_bytes=kib * 1024)))
   for name, attend in rows:
     fwd, both = _jax_times(attend, q, k, v, a.repeats)

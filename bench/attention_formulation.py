@@ -1,6 +1,6 @@
 """The sampling loop's UNet with the "xla" attention as written (logits scaled and the softmax
 normalized on the [B, H, Lq, Lk] logits; "before") and with q scaled and the output normalized
-(the chunked kernel's `_block_attention` form; "after"), timed alternately in one run so that a
+(the chunked kernel's tile form, as one tile; "after"), timed alternately in one run so that a
 shared machine's load hits both alike. The default stays "before": `make demo` trained with the
 other form fell below its accuracy bar (BENCHMARKS.md).
 
@@ -27,6 +27,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from latent_diffusion_jax.models import attention, build  # noqa: E402
+from latent_diffusion_jax.models.chunked_attention import blocked_attention  # noqa: E402
+
+
+def _one_tile(q, k, v, mask, upcast):
+  """The chunked kernel's form (q scaled, the output normalized) over all logits at once."""
+  return blocked_attention(q, k, v, mask, upcast, block_bytes=2**62)
 
 
 def sampling_loop(config, batch: int, steps: int):
@@ -57,7 +63,7 @@ def main(argv=None):
   config.model.attention_impl = "xla"
   fns = {}
   for name in ("before", "after"):
-    patch = (mock.patch.object(attention, "_xla_attention", attention._block_attention)
+    patch = (mock.patch.object(attention, "_xla_attention", _one_tile)
              if name == "after" else contextlib.nullcontext())
     with patch:  # traced and compiled while the patch holds
       fn, params = sampling_loop(config, args.batch, args.steps)

@@ -160,12 +160,25 @@ def timed(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> Dict
   return {"median": float(np.median(times)), "best": min(times), "mean": float(np.mean(times))}
 
 
+def cpu_model() -> str:
+  """The CPU's model name (/proc/cpuinfo on Linux), else the architecture: same-run ratios move
+  with it (oneDNN and XLA use different vector extensions)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def environment() -> Dict[str, Any]:
   import jax
   import torch
   import diffusers
   return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-          "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+          "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
           "jax_devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
           "torch_device": torch_device()}

@@ -43,7 +43,7 @@ def _best(fn, repeats):
 
 def time_variant(config, variant: str, batch: int, repeats: int) -> float:
   patches = []
-  if variant in ("xla", "chunked", "jax"):
+  if variant in ("xla", "chunked", "jax", "auto"):
     config.model.attention_impl = variant
   elif variant == "no_attention":
     patches.append(mock.patch("latent_diffusion_jax.models.transformer.dot_product_attention",

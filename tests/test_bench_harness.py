@@ -75,3 +75,20 @@ def test_step_profile_classes_both_steps(tmp_path):
     assert r[side]["wall"] > 0
     assert classes.get("convolution", 0) > 0 and classes.get("matmul", 0) > 0, (side, classes)
     assert all(v >= 0 for v in classes.values())
+
+
+def test_attention_blocks_names_its_tiles_and_times_every_row():
+  proc = subprocess.run(
+      [sys.executable, "bench/attention_blocks.py", "--batch", "2", "--length", "64", "--heads", "2",
+       "--head_dim", "4", "--blocks_kib", "4,16,64", "--repeats", "1"],
+      cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
+  names = [r[0].strip() for r in rows[1:]]
+  # 2 images x 64 x 64 float32 logits per head (32 KiB): below that, tiles of one (image, head)
+  # row and half the budget (2 KiB: 8 queries; 8 KiB: 32); 64 KiB holds both heads, every image.
+  assert names == ["xla", "chunked 4 KiB: 1 (image, head) row(s) x 8 queries",
+                   "chunked 16 KiB: 1 (image, head) row(s) x 32 queries",
+                   "chunked 64 KiB: 2 head(s) x 2 images x 64 queries", "torch sdpa"], names
+  assert all(float(x) > 0 for r in rows[1:] for x in r[1:])

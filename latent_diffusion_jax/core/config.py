@@ -46,8 +46,9 @@ def base_config() -> mc.ConfigDict:
   c.model.dtype = "float32"
   c.model.param_dtype = "float32"
   # Attention kernel: "xla", "jax", "cudnn", "chunked" or "auto" (see models/attention.py); "auto"
-  # is cuDNN flash attention on GPUs in half precision, on CPUs "chunked" for long self-attention
-  # (>= 512x512 tokens) and "xla" below that (the embedded demos' 8x8 latents), else "jax".
+  # is cuDNN flash attention on GPUs in half precision, on CPUs "chunked" from 128x128 tokens of
+  # logits per image-head up (SD's levels and their cross-attention) and "xla" below that (the
+  # embedded demos' 8x8 latents, text encoders), else "jax".
   c.model.attention_impl = "auto"
   # Image resolution in pixels; latents are image_size / 2^(len(vae.block_out_channels)-1).
   c.model.image_size = 512
