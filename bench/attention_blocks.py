@@ -29,6 +29,11 @@ def _time_ms(fn, repeats: int) -> float:
   return best * 1e3
 
 
+def _ms(x: float) -> str:
+  """Milliseconds to one decimal, or three significant digits below 10 ms (tiny shapes)."""
+  return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def _jax_times(attend, q, k, v, repeats):
   fwd = jax.jit(attend)
   grad = jax.jit(jax.grad(lambda q, k, v: (attend(q, k, v) ** 2).sum(), argnums=(0, 1, 2)))
@@ -71,9 +76,9 @@ def main():
                  lambda q, k, v, kib=kib: chunked_attention(q, k, v, block_bytes=kib * 1024)))
   for name, attend in rows:
     fwd, both = _jax_times(attend, q, k, v, a.repeats)
-    print(f"| {name} | {fwd:.1f} | {both:.1f} |", flush=True)
+    print(f"| {name} | {_ms(fwd)} | {_ms(both)} |", flush=True)
   fwd, both = _torch_times(q, k, v, a.repeats)
-  print(f"| torch sdpa | {fwd:.1f} | {both:.1f} |")
+  print(f"| torch sdpa | {_ms(fwd)} | {_ms(both)} |")
 
 
 if __name__ == "__main__":

@@ -91,4 +91,4 @@ def test_attention_blocks_names_its_tiles_and_times_every_row():
   assert names == ["xla", "chunked 4 KiB: 1 (image, head) row(s) x 8 queries",
                    "chunked 16 KiB: 1 (image, head) row(s) x 32 queries",
                    "chunked 64 KiB: 2 head(s) x 2 images x 64 queries", "torch sdpa"], names
-  assert all(float(x) > 0 for r in rows[1:] for x in r[1:])
+  assert all(float(x) > 0 for r in rows[1:] for x in r[1:]), proc.stdout
