@@ -5,10 +5,11 @@ Implementations:
   "jax":     `jax.nn.dot_product_attention` with XLA's own lowering.
   "cudnn":   `jax.nn.dot_product_attention(implementation="cudnn")`: cuDNN flash attention on NVIDIA
              GPUs (fp16/bf16 only; no arbitrary masks beyond causal).
-  "chunked": tiles of a few heads x all batch rows x a block of queries against all keys
-             (`lax.map`), with a hand-written flash-style backward that recomputes each tile's
-             probabilities from the saved row statistics (models/chunked_attention.py): the
-             [B, H, Lq, Lk] logits never exist at once. Equal to "xla" up to rounding.
+  "chunked": tiles of (image, head) rows x a block of queries against all keys (`lax.map`;
+             every image of a head per tile under a multi-device mesh), with a hand-written
+             flash-style backward that recomputes each tile's probabilities from the saved row
+             statistics (models/chunked_attention.py): the [B, H, Lq, Lk] logits never exist
+             at once. Equal to "xla" up to rounding.
   "auto":    "cudnn" where it applies (GPU, half precision, no explicit mask); on CPU "chunked"
              where one image-head's float32 logits reach CHUNK_MIN_LOGITS_BYTES (SD's levels
              at 256 and 1024 tokens, their cross-attention) and "xla" for short sequences (the
@@ -32,8 +33,8 @@ from latent_diffusion_jax.models.chunked_attention import BLOCK_BYTES, blocked_a
 
 IMPLEMENTATIONS = ("xla", "jax", "cudnn", "chunked", "auto")
 
-# Bytes of logits one "chunked" tile holds (a head's batch rows x a block of queries x all keys):
-# measured fastest on a 2-core EPYC at SD's first level (bench/attention_blocks.py).
+# Bytes of logits one "chunked" tile holds at most (models/chunked_attention.py's BLOCK_BYTES;
+# tests shrink it here).
 LOGITS_BLOCK_BYTES = BLOCK_BYTES
 # "auto" on CPU runs "chunked" from 128x128 tokens of logits per image and head (64 KiB in
 # float32) up: measured faster from SD's 256-token second level and 1024x77 cross-attention on;

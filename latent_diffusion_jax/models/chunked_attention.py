@@ -218,5 +218,4 @@ def blocked_attention(q, k, v, mask: Optional[jnp.ndarray] = None, upcast: bool 
   """
   if mask is not None:
     mask = jnp.asarray(mask, bool)
-    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
   return _attention(q, k, v, mask, upcast, BLOCK_BYTES if block_bytes is None else block_bytes)
