@@ -9,6 +9,11 @@ SIGTERM saves a checkpoint and exits 0. Several processes (hosts) run the same c
 --config.distributed.process_id=I` (or nothing, where JAX detects the cluster: TPU pods, SLURM).
 """
 
+from latent_diffusion_jax.cli import huge_pages
+
+if __name__ == "__main__":  # before the heavy imports: see cli/huge_pages.py
+  huge_pages.reexec_with_huge_pages()
+
 import errno
 import sys
 

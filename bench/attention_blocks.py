@@ -1,6 +1,7 @@
 """Times "chunked" attention (models/chunked_attention.py) against "xla" and PyTorch's fused
 `scaled_dot_product_attention` at one shape, forward and forward+backward, for several tile
-budgets (each row names the tiles it gives): how LOGITS_BLOCK_BYTES was chosen.
+budgets (each row names the tiles it gives; a forward that is not differentiated may take
+smaller ones, named first): how LOGITS_BLOCK_BYTES was chosen.
 
   python bench/attention_blocks.py --batch 4 --length 1024 --heads 8 --head_dim 8 --blocks_kib 2048,4096,8192,16384
 """
@@ -41,6 +42,11 @@ def _jax_times(attend, q, k, v, repeats):
           _time_ms(lambda: jax.block_until_ready(grad(q, k, v)), repeats))
 
 
+def _tiles(plan, batch: int) -> str:
+  fold, g, c = plan
+  return (f"{g} (image, head) row(s)" if fold else f"{g} head(s) x {batch} images") + f" x {c} queries"
+
+
 def _torch_times(q, k, v, repeats):
   import torch
   tq, tk, tv = (torch.tensor(np.asarray(t)).transpose(1, 2).contiguous() for t in (q, k, v))
@@ -70,9 +76,11 @@ def main():
   print("|---|---|---|")
   rows = [("xla", lambda q, k, v: dot_product_attention(q, k, v, implementation="xla"))]
   for kib in (int(x) for x in a.blocks_kib.split(",")):
-    fold, g, c = choose_tiles(a.batch, a.heads, a.length, a.length, 4, kib * 1024)
-    tiles = f"{g} (image, head) row(s)" if fold else f"{g} head(s) x {a.batch} images"
-    rows.append((f"chunked {kib} KiB: {tiles} x {c} queries",
+    plans = [choose_tiles(a.batch, a.heads, a.length, a.length, 4, kib * 1024, inference)
+             for inference in (True, False)]
+    names = [_tiles(plan, a.batch) for plan in plans]
+    name = names[0] if names[0] == names[1] else f"{names[0]} (forward alone), {names[1]}"
+    rows.append((f"chunked {kib} KiB: {name}",
                  lambda q, k, v, kib=kib: chunked_attention(q, k, v, block_bytes=kib * 1024)))
   for name, attend in rows:
     fwd, both = _jax_times(attend, q, k, v, a.repeats)

@@ -14,9 +14,16 @@ batch size is timed over --repeats calls after an untimed one.
   python bench/sample_latency.py --config sd15 --steps 50 --batches 1,8 --dtype float16
 """
 
-import argparse
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from latent_diffusion_jax.cli import huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.py
+  huge_pages.reexec_with_huge_pages()
+
+import argparse
 import tempfile
 import time
 
@@ -181,7 +188,8 @@ def _print(r):
         f"{r['guidance']}, {r['dtype']}, attention {r['attention']}, mesh {r['mesh']}, best of "
         f"{r['repeats']}")
   print(f"{r['date']}; {r['machine']}; jax {r['jax']} on {r['jax_devices']}; torch {r['torch']} "
-        f"({r['torch_device']}); diffusers {r['diffusers']}")
+        f"({r['torch_device']}); diffusers {r['diffusers']}; glibc huge pages "
+        f"{'on' if r.get('glibc_huge_pages') else 'off'}")
   if "torch_compile_unavailable" in r:
     print(f"diffusers torch.compile unavailable: {r['torch_compile_unavailable']}")
   other = r["compare_attention"]

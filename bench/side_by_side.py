@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from latent_diffusion_jax.cli import huge_pages  # noqa: E402
 from latent_diffusion_jax.core.config import base_config, load_config_file, tiny_models
 
 CONFIG_FILES = {"tiny": "configs/sd15.py:tiny", "sd15": "configs/sd15.py",
@@ -181,7 +182,7 @@ def environment() -> Dict[str, Any]:
           "machine": f"{cpu_model()}, {os.cpu_count()} CPUs",
           "jax_devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
           "jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-          "torch_device": torch_device()}
+          "torch_device": torch_device(), "glibc_huge_pages": huge_pages.enabled()}
 
 
 def write_json(path: str, results: Dict[str, Any]) -> None:

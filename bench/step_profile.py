@@ -12,14 +12,21 @@ elementwise / other. Times are per step; a class's time is the sum of its ops' d
 can exceed the step's wall time where ops run on both cores at once.
 """
 
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from latent_diffusion_jax.cli import huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.py
+  huge_pages.reexec_with_huge_pages()
+
 import argparse
 import collections
 import glob
 import gzip
 import json
-import os
 import re
-import sys
 import tempfile
 import time
 

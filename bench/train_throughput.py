@@ -15,9 +15,16 @@ and MFU against a matmul peak measured here.
   python bench/train_throughput.py --config sd15 --batch 32 --dtype bfloat16 --steps 20 --mesh 1,1,1
 """
 
-import argparse
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from latent_diffusion_jax.cli import huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.py
+  huge_pages.reexec_with_huge_pages()
+
+import argparse
 
 import numpy as np
 
@@ -239,7 +246,8 @@ def _print(r):
         f"{r['latent_size']} latents, {r['dtype']}, attention {r['attention']}, mesh {r['mesh']}, "
         f"{r['steps']} timed steps")
   print(f"{r['date']}; {r['machine']}; jax {r['jax']} on {r['jax_devices']}; torch {r['torch']} "
-        f"({r['torch_device']}); diffusers {r['diffusers']}")
+        f"({r['torch_device']}); diffusers {r['diffusers']}; glibc huge pages "
+        f"{'on' if r.get('glibc_huge_pages') else 'off'}")
   print("| implementation | img/s | s/step (median) | s/step (best) | ours / this | peak memory |")
   print("|---|---|---|---|---|---|")
   rows = [("ours", f"ours (jax, jitted train step, attention {r['attention']})")]

@@ -7,9 +7,16 @@ timed beside it.
   python bench/unet_pieces.py --config cpu_small --batch 4 --variants xla,chunked,no_attention,no_groupnorm
 """
 
-import argparse
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from latent_diffusion_jax.cli import huge_pages  # noqa: E402
+
+if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.py
+  huge_pages.reexec_with_huge_pages()
+
+import argparse
 import time
 from unittest import mock
 

@@ -87,6 +87,32 @@ def test_tile_plan_fits_the_budget_and_divides_the_work():
   assert choose_tiles(4, 8, 256, 256, 4, BLOCK_BYTES) == (False, 8, 256)  # every head in one tile
   assert plan_tiles(2, 6, 64, 64, 4, 3 * 2 * 64 * 64 * 4) == (3, 64)
   assert plan_tiles(1, 1, 21, 21, 4, 10) == (1, 1)  # nothing fits: the smallest tile
+  # Two images (guided sampling at batch 1): one head's logits fit a tile, but a forward that is
+  # not differentiated takes single (image, head) rows once a row fills half the budget.
+  assert choose_tiles(2, 8, 1024, 1024, 4, BLOCK_BYTES) == (False, 1, 1024)
+  assert choose_tiles(2, 8, 1024, 1024, 4, BLOCK_BYTES, inference=True) == (True, 1, 1024)
+  assert choose_tiles(2, 8, 1024, 77, 4, BLOCK_BYTES, inference=True) == (False, 8, 1024)
+  with parallel.mesh_context(parallel.create_mesh((-1, 1, 1))):  # a sharded batch stays whole
+    assert choose_tiles(2, 8, 1024, 1024, 4, BLOCK_BYTES, inference=True) == (False, 1, 1024)
+
+
+def test_forward_alone_takes_its_own_tiles_and_matches_the_differentiated_one():
+  """Not differentiated, the forward runs in (image, head) rows; differentiated, in tiles of a
+  head's images: the same values either way, and the gradients still match "xla"."""
+  q, k, v = _qkv(11, b=2, lq=32, lk=32, h=2)
+  block = 2 * 32 * 32 * 4  # one head's two images fit; one row fills half
+  alone = lambda q: chunked_attention(q, k, v, block_bytes=block)
+  jaxpr = str(jax.make_jaxpr(alone)(q)).replace(" ", "")
+  assert "f32[4,1,1,32,8]" in jaxpr and "f32[2,1,2,32,8]" not in jaxpr
+  grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda q: alone(q).sum()))(q)).replace(" ", "")
+  assert "f32[2,1,2,32,8]" in grad_jaxpr
+  ref = dot_product_attention(q, k, v, implementation="xla")
+  out, vjp = jax.vjp(alone, q)
+  np.testing.assert_allclose(jax.jit(alone)(q), ref, atol=1e-5)
+  np.testing.assert_allclose(out, ref, atol=1e-5)
+  w = jax.random.normal(jax.random.key(12), q.shape)
+  want = jax.grad(lambda q: (dot_product_attention(q, k, v, implementation="xla") * w).sum())(q)
+  np.testing.assert_allclose(vjp(w)[0], want, atol=1e-5)
 
 
 def test_chunked_keeps_a_sharded_batch_and_its_values():
@@ -171,3 +197,24 @@ def test_chunked_backward_traced_outside_the_forwards_mesh():
                              atol=2e-6, rtol=1e-5)
   for g, r, name in zip(got, ref, "qkv"):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4, err_msg=f"d{name}")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_sums_taken_in_the_product_match_xla(monkeypatch, masked):
+  """From ROW_SUM_IN_PRODUCT_MIN_KEYS keys the forward takes the sums of exponentials from the
+  product with [v, 1]: values and gradients as "xla", a fully masked row included."""
+  from latent_diffusion_jax.models import chunked_attention as ca
+  monkeypatch.setattr(ca, "ROW_SUM_IN_PRODUCT_MIN_KEYS", 1)
+  q, k, v = _qkv(13)
+  mask = None
+  if masked:
+    mask = jax.random.bernoulli(jax.random.key(14), 0.6, (2, 3, 24, 20)).at[1, 2, 5].set(False)
+  w = jax.random.normal(jax.random.key(15), q.shape)
+  loss = lambda impl: lambda q, k, v: (dot_product_attention(q, k, v, mask=mask, implementation=impl) * w).sum()
+  np.testing.assert_allclose(chunked_attention(q, k, v, mask, block_bytes=SMALL_BLOCKS),
+                             dot_product_attention(q, k, v, mask=mask, implementation="xla"), atol=1e-5)
+  got = jax.grad(lambda q, k, v: (chunked_attention(q, k, v, mask, block_bytes=SMALL_BLOCKS) * w).sum(),
+                 argnums=(0, 1, 2))(q, k, v)
+  want = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, atol=1e-4)

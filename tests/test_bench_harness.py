@@ -92,3 +92,32 @@ def test_attention_blocks_names_its_tiles_and_times_every_row():
                    "chunked 16 KiB: 1 (image, head) row(s) x 32 queries",
                    "chunked 64 KiB: 2 head(s) x 2 images x 64 queries", "torch sdpa"], names
   assert all(float(x) > 0 for r in rows[1:] for x in r[1:]), proc.stdout
+
+
+def _table_rows(stdout):
+  return [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")][1:]
+
+
+def test_optimizer_update_times_ours_and_torch():
+  proc = subprocess.run(
+      [sys.executable, "bench/optimizer_update.py", "--config", "tiny", "--repeats", "1",
+       "--update_norm"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = _table_rows(proc.stdout)
+  assert [r[0].strip() for r in rows] == ["ours (apply_update)", "ours + update norm",
+                                          "torch clip + AdamW (foreach) + EMA"], proc.stdout
+  assert all(float(r[1]) > 0 for r in rows), proc.stdout
+
+
+def test_group_norm_times_every_implementation():
+  proc = subprocess.run(
+      [sys.executable, "bench/group_norm.py", "--shapes", "2x4x4x32,1x3x5x64", "--groups", "8",
+       "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  rows = _table_rows(proc.stdout)
+  assert [r[0].strip() for r in rows] == ["2x4x4x32", "1x3x5x64"], proc.stdout
+  for r in rows:
+    times = [float(t) for cell in r[1:] for t in cell.split("/")]
+    assert len(times) == 6 and all(t > 0 for t in times), proc.stdout

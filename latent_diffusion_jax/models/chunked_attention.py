@@ -33,6 +33,11 @@ import jax.numpy as jnp
 # all of it; tiles of single (image, head) rows half: one row at SD's first level (1,024 tokens,
 # float32). Both measured fastest on a 2-core Xeon (bench/attention_blocks.py).
 BLOCK_BYTES = 8 * 2**20
+# From this many keys the forward takes each query's sum of exponentials from the product with
+# [v, 1] instead of a separate reduction over the tile: at 1,024 keys 8.5 against 10.3 ms for
+# [2, 1024, 8, 8], 69 against 77 ms for 16 images; at 77 keys (cross-attention) the separate sum
+# is faster, 1.1 against 2.0 ms (2-core Xeon, XLA:CPU).
+ROW_SUM_IN_PRODUCT_MIN_KEYS = 512
 
 
 def plan_tiles(batch: int, heads: int, lq: int, lk: int, itemsize: int,
@@ -58,22 +63,35 @@ def _tile_forward(qt, k, v, mt):
   s = _logits(qt, k, mt)
   m = s.max(axis=-1)
   e = jnp.exp(s - m[..., None])
-  total = e.sum(axis=-1)
-  out = jnp.einsum("gbqk,gbkd->gbqd", e, v) / total[..., None]
+  if k.shape[-2] >= ROW_SUM_IN_PRODUCT_MIN_KEYS:
+    # A column of ones rides along with the values: the row sums come out of the product.
+    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
+    weighted = jnp.einsum("gbqk,gbkd->gbqd", e, jnp.concatenate([v, ones], axis=-1))
+    total = weighted[..., -1]
+    out = weighted[..., :-1] / total[..., None]
+  else:
+    total = e.sum(axis=-1)
+    out = jnp.einsum("gbqk,gbkd->gbqd", e, v) / total[..., None]
   return out, m, jnp.log(total)
+
+
+def _transposed(x):
+  """x with its last two axes swapped, as a transpose of its own: without the barrier XLA folds
+  the transpose into the product that made x, back into the slow `p^T do` form."""
+  return jax.lax.optimization_barrier(x).swapaxes(-1, -2)
 
 
 def _tile_backward(qt, k, v, mt, m, log_total, do, dd):
   """One tile's gradients: d(scaled q) [g, B, c, D] and its share of dk, dv [g, B, Lk, D]."""
   s = _logits(qt, k, mt)
   p = jnp.exp((s - m[..., None]) - log_total[..., None])
-  dv = jnp.einsum("gbqd,gbqk->gbdk", do, p).swapaxes(-1, -2)
+  dv = _transposed(jnp.einsum("gbqd,gbqk->gbdk", do, p))
   dp = jnp.einsum("gbqd,gbkd->gbqk", do, v)
   ds = p * (dp - dd[..., None])
   if mt is not None:  # a fully masked row's uniform weights do not depend on its logits
     ds = jnp.where(mt, ds, 0)
   dq = jnp.einsum("gbqk,gbkd->gbqd", ds, k)
-  dk = jnp.einsum("gbqd,gbqk->gbdk", qt, ds).swapaxes(-1, -2)
+  dk = _transposed(jnp.einsum("gbqd,gbqk->gbdk", qt, ds))
   return dq, dk, dv
 
 
@@ -148,24 +166,36 @@ def _from_groups(x, heads, fold):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, mask, upcast, block_bytes):
-  return _attention_fwd(q, k, v, mask, upcast, block_bytes)[0]
+  # Not differentiated (sampling): the forward alone, in the tiles it runs fastest in.
+  (qg, kg, vg, mg), plan, _ = _prepare(q, k, v, mask, upcast, block_bytes, inference=True)
+  out = _forward(qg, kg, vg, mg, q.shape[1] // plan[2])[0]
+  return _from_groups(out, q.shape[2], plan[0]).astype(v.dtype)
 
 
-def choose_tiles(b, h, lq, lk, itemsize, block_bytes):
+def choose_tiles(b, h, lq, lk, itemsize, block_bytes, inference=False):
   """(fold, rows per tile, queries per tile) for [b, lq, h, .] queries and lk keys; fold: the rows
-  are (image, head) pairs with one image per tile, else heads with every image."""
+  are (image, head) pairs with one image per tile, else heads with every image.
+
+  A forward that will not be differentiated takes single (image, head) rows as soon as one row's
+  logits fill half a block (SD's first level at 2 images: 9.4 ms against 12.3 ms for tiles of a
+  head's 2 images, bench/attention_blocks.py --batch 2); the backward is faster in the larger
+  tiles, so a differentiated forward keeps them.
+  """
   g, c = plan_tiles(b, h, lq, lk, itemsize, block_bytes)
-  if c < lq and _rows_per_tile_image():
-    return (True,) + plan_tiles(1, b * h, lq, lk, itemsize, block_bytes // 2)
+  half = block_bytes // 2
+  large_rows = inference and lq * lk * itemsize >= half
+  if (c < lq or large_rows) and _rows_per_tile_image():
+    return (True,) + plan_tiles(1, b * h, lq, lk, itemsize, half)
   return False, g, c
 
 
-def _prepare(q, k, v, mask, upcast, block_bytes, plan=None):
+def _prepare(q, k, v, mask, upcast, block_bytes, plan=None, inference=False):
   """The inputs in tile layout, and the plan (fold, rows per tile, queries per tile)."""
   b, lq, h, d = q.shape
   lk = k.shape[1]
   compute = jnp.float32 if upcast else q.dtype
-  fold, g, c = plan or choose_tiles(b, h, lq, lk, jnp.dtype(compute).itemsize, block_bytes)
+  fold, g, c = plan or choose_tiles(b, h, lq, lk, jnp.dtype(compute).itemsize, block_bytes,
+                                    inference)
   scale = 1.0 / math.sqrt(d)
   qg = _to_groups(q.astype(compute) * scale, g, fold)
   kg, vg = _to_groups(k.astype(compute), g, fold), _to_groups(v.astype(compute), g, fold)
@@ -192,7 +222,10 @@ def _attention_bwd(upcast, block_bytes, residuals, g_out):
   (qg, kg, vg, mg), _, scale = _prepare(q, k, v, mask, upcast, block_bytes, (fold, g, c))
   h = q.shape[2]
   do = _to_groups(g_out.astype(out.dtype), g, fold)
-  dd = (do.astype(jnp.float32) * out.astype(jnp.float32)).sum(axis=-1).astype(out.dtype)
+  # rowsum(do * o) as a product over the head dim: XLA:CPU's reduction of the elementwise product
+  # over that small minor axis ran 10-25x slower (12 ms of 60 for 16 images of 1,024 x 77).
+  dd = jnp.einsum("...d,...d->...", do.astype(jnp.float32), out.astype(jnp.float32),
+                  precision=jax.lax.Precision.HIGHEST).astype(out.dtype)
   dq, dk, dv = _backward(qg, kg, vg, mg, m, log_total, do, dd, q.shape[1] // c)
   return ((_from_groups(dq, h, fold) * scale).astype(q.dtype),
           _from_groups(dk, h, fold).astype(k.dtype), _from_groups(dv, h, fold).astype(v.dtype),

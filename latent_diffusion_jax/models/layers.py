@@ -17,6 +17,8 @@ from typing import Any, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
+from latent_diffusion_jax.models.group_norm import GroupNorm
+
 Dtype = Any
 
 
@@ -44,9 +46,9 @@ def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, strides: Sequenc
 
 
 def group_norm(num_groups: int = 32, epsilon: float = 1e-6, *, dtype: Dtype, param_dtype: Dtype,
-               name: str | None = None) -> nn.GroupNorm:
+               name: str | None = None) -> GroupNorm:
   """GroupNorm over the channel axis; statistics are computed in float32 whatever `dtype` is."""
-  return nn.GroupNorm(
+  return GroupNorm(
       num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
       scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
