@@ -34,13 +34,15 @@ def accumulate_gradients(grad_fn: Callable, params: Any, batch: Dict[str, jnp.nd
 def apply_update(state: TrainState, grads: Any, loss: jnp.ndarray, tx: optax.GradientTransformation,
                  learning_rate: Callable, ema_decay: float) -> Tuple[TrainState, Dict[str, jnp.ndarray]]:
   """One optimizer update; a non-finite loss or gradient leaves params, optimizer state and EMA as
-  they were and is counted. Returns the new state and the health metrics of the update.
+  they were and is counted (its update_norm reads 0). Returns the new state and the health metrics
+  of the update.
 
   The guard is one conditional around the update rather than a select per array: with selects,
   XLA copied every donated params / moments buffer before updating it (about 1,700 copies per
-  step of the cpu_small UNet). There is no norm of the update among the metrics: it made XLA
-  write every update out before applying it, 62 of the 235 ms this function took for the
-  cpu_small UNet on a 2-core Xeon (bench/optimizer_update.py).
+  step of the cpu_small UNet). The update's norm is taken from the new and old params, not from
+  optax's updates: that made XLA write every update out before applying it (cpu_small UNet on a
+  2-core Xeon: 233 -> 181 ms for this function, 190 -> 183 ms with glibc huge pages;
+  bench/optimizer_update.py --updates_norm).
   """
   grad_norm = global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -60,7 +62,9 @@ def apply_update(state: TrainState, grads: Any, loss: jnp.ndarray, tx: optax.Gra
   skips = state.nonfinite_skips + (~finite).astype(jnp.int32)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
                             ema_params=ema, nonfinite_skips=skips)
+  update_norm = global_norm(jax.tree.map(
+      lambda new, old: new.astype(jnp.float32) - old.astype(jnp.float32), params, state.params))
   metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": global_norm(params),
-             "learning_rate": learning_rate(state.step),
+             "update_norm": update_norm, "learning_rate": learning_rate(state.step),
              "finite": finite, "nonfinite_skips": skips}
   return new_state, metrics
