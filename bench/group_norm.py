@@ -7,11 +7,11 @@ forward+backward, at the UNet's activation shapes (NHWC for the JAX sides, NCHW 
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import side_by_side as sbs  # noqa: E402  (also puts the repo on sys.path)
 
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
@@ -20,22 +20,12 @@ import jax.numpy as jnp  # noqa: E402
 from latent_diffusion_jax.models.group_norm import GroupNorm  # noqa: E402
 
 
-def _median_ms(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
-
-
 def _jax_times(module, x, repeats):
   params = module.init(jax.random.key(0), x)
   fwd = jax.jit(module.apply)
   grad = jax.jit(jax.grad(lambda p, x: (module.apply(p, x) ** 2).sum(), argnums=(0, 1)))
-  return (_median_ms(lambda: fwd(params, x).block_until_ready(), repeats),
-          _median_ms(lambda: jax.block_until_ready(grad(params, x)), repeats))
+  return (sbs.median_ms(lambda: fwd(params, x).block_until_ready(), repeats),
+          sbs.median_ms(lambda: jax.block_until_ready(grad(params, x)), repeats))
 
 
 def _torch_times(x, groups, repeats):
@@ -43,9 +33,9 @@ def _torch_times(x, groups, repeats):
   norm = torch.nn.GroupNorm(groups, x.shape[-1], eps=1e-6)
   tx = torch.tensor(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
   with torch.no_grad():
-    fwd = _median_ms(lambda: norm(tx), repeats)
+    fwd = sbs.median_ms(lambda: norm(tx), repeats)
   tx.requires_grad_()
-  return fwd, _median_ms(lambda: (norm(tx) ** 2).sum().backward(), repeats)
+  return fwd, sbs.median_ms(lambda: (norm(tx) ** 2).sum().backward(), repeats)
 
 
 def main(argv=None):

@@ -21,7 +21,6 @@ if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.
   huge_pages.reexec_with_huge_pages()
 
 import argparse
-import time
 
 import numpy as np
 
@@ -36,16 +35,6 @@ from latent_diffusion_jax.models import build  # noqa: E402
 from latent_diffusion_jax.training import state as state_lib  # noqa: E402
 from latent_diffusion_jax.training.update import apply_update  # noqa: E402
 from latent_diffusion_jax.interop.diffusers_config import unet_to_diffusers_config  # noqa: E402
-
-
-def _median_ms(fn, repeats: int) -> float:
-  fn()
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return float(np.median(times)) * 1e3
 
 
 def leaf_shapes(config):
@@ -101,7 +90,7 @@ def time_ours(config, shapes, repeats: int, updates_norm: bool) -> float:
     holder["state"], metrics = step(holder["state"], grads)
     jax.block_until_ready(metrics)
 
-  return _median_ms(run, repeats)
+  return sbs.median_ms(run, repeats)
 
 
 def time_torch(config, shapes, repeats: int) -> float:
@@ -121,7 +110,7 @@ def time_torch(config, shapes, repeats: int) -> float:
     with torch.no_grad():
       torch._foreach_lerp_(ema, params, 1.0 - o.ema_decay)
 
-  return _median_ms(run, repeats)
+  return sbs.median_ms(run, repeats)
 
 
 def main(argv=None):

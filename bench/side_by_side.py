@@ -161,6 +161,17 @@ def timed(fn: Callable[[], Any], sync: Callable[[Any], Any], steps: int) -> Dict
   return {"median": float(np.median(times)), "best": min(times), "mean": float(np.mean(times))}
 
 
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+  """Median wall time of `fn()` over `repeats` calls after an untimed one, in milliseconds."""
+  fn()
+  times = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t)
+  return float(np.median(times)) * 1e3
+
+
 def cpu_model() -> str:
   """The CPU's model name (/proc/cpuinfo on Linux), else the architecture: same-run ratios move
   with it (oneDNN and XLA use different vector extensions)."""
