@@ -53,7 +53,7 @@ def environment_with_huge_pages(env: Dict[str, str]) -> Optional[Dict[str, str]]
 
 def enabled() -> bool:
   """Whether this process runs with the tunable."""
-  return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+  return TUNABLE in os.environ.get("GLIBC_TUNABLES", "")
 
 
 def reexec_with_huge_pages() -> None:

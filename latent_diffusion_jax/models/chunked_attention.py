@@ -167,8 +167,7 @@ def _from_groups(x, heads, fold):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _attention(q, k, v, mask, upcast, block_bytes):
   # Not differentiated (sampling): the forward alone, in the tiles it runs fastest in.
-  (qg, kg, vg, mg), plan, _ = _prepare(q, k, v, mask, upcast, block_bytes, inference=True)
-  out = _forward(qg, kg, vg, mg, q.shape[1] // plan[2])[0]
+  out, _, _, plan = _tiled_forward(q, k, v, mask, upcast, block_bytes, inference=True)
   return _from_groups(out, q.shape[2], plan[0]).astype(v.dtype)
 
 
@@ -206,9 +205,14 @@ def _prepare(q, k, v, mask, upcast, block_bytes, plan=None, inference=False):
   return (qg, kg, vg, mg), (fold, g, c), scale
 
 
+def _tiled_forward(q, k, v, mask, upcast, block_bytes, inference=False):
+  """The output in tile layout, its row maxima and log-sums, and the tile plan."""
+  (qg, kg, vg, mg), plan, _ = _prepare(q, k, v, mask, upcast, block_bytes, inference=inference)
+  return _forward(qg, kg, vg, mg, q.shape[1] // plan[2]) + (plan,)
+
+
 def _attention_fwd(q, k, v, mask, upcast, block_bytes):
-  (qg, kg, vg, mg), plan, _ = _prepare(q, k, v, mask, upcast, block_bytes)
-  out, m, log_total = _forward(qg, kg, vg, mg, q.shape[1] // plan[2])
+  out, m, log_total, plan = _tiled_forward(q, k, v, mask, upcast, block_bytes)
   # The plan travels with the residuals as an empty array's shape: the backward may be traced
   # outside the mesh context the forward saw.
   plan_shape = jnp.zeros((int(plan[0]), plan[1], plan[2], 0), jnp.int8)
