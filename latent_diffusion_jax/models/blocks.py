@@ -3,11 +3,11 @@
 from typing import Any, Optional
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from latent_diffusion_jax.models import layers
 from latent_diffusion_jax.models.attention import dot_product_attention
+from latent_diffusion_jax.models.upsample import NearestUpsampleConv
 
 Dtype = Any
 
@@ -52,17 +52,16 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-  """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+  """Nearest-neighbour 2x upsampling followed by a 3x3 conv, computed at the input's size
+  (models/upsample.py)."""
   out_channels: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, c = x.shape
-    x = jax.image.resize(x, (b, h * 2, w * 2, c), method="nearest")
-    return layers.conv(self.out_channels, name="conv", dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x)
+    return NearestUpsampleConv(self.out_channels, name="conv", dtype=self.dtype,
+                               param_dtype=self.param_dtype)(x)
 
 
 class SpatialSelfAttention(nn.Module):

@@ -33,6 +33,7 @@ from latent_diffusion_jax.diffusion.spec import DiffusionSpec
 from latent_diffusion_jax.models.bundle import ModelBundle, decode_latents
 from latent_diffusion_jax.core.errors import UserInputError
 import latent_diffusion_jax.sampling.controlnet as control_lib
+import latent_diffusion_jax.sampling.placed_params as placed_params
 
 SAMPLERS = samplers.SAMPLERS
 OUTPUT_TYPES = ("uint8", "float")
@@ -448,7 +449,8 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
     batch_size: images per device call, rounded up to a multiple of the mesh's batch shards;
       default 4 per shard. The last batch is padded and the padding dropped.
     mesh: devices to split each batch over (dims "data" x "fsdp"); default all local devices.
-      Parameters are replicated on it, unless `params` are given.
+      Parameters are replicated on it, unless `params` are given; that copy is kept for the next
+      call with the same bundle, parameter trees and mesh (sampling/placed_params.py).
     initial_latents: optional float [N, h, w, c] noise in UNet units, replacing the seeded noise
       (for comparisons with other implementations).
     class_labels: a class per image (index, or name when the model has class names), for
@@ -517,7 +519,7 @@ def generate(bundle: ModelBundle, prompts: Sequence[str], *, negative_prompt: st
                  batch_size, b)
   replicated = NamedSharding(mesh, PartitionSpec())
   if params is None:
-    params = jax.device_put(tuple(bundle_params(bundle)), replicated)
+    params = placed_params.placed(bundle, tuple(bundle_params(bundle)), mesh)
   if controls and not SampleParams(*params).controlnets:
     params = SampleParams(*params)._replace(controlnets=jax.device_put(
         tuple(c.params for c in controls), replicated))
