@@ -25,11 +25,6 @@ one PNG per image, grid.png and settings.json into --out; the logic lives in
 latent_diffusion_jax.sampling.run_sampling.
 """
 
-from latent_diffusion_jax.cli import huge_pages
-
-if __name__ == "__main__":  # before the heavy imports: see cli/huge_pages.py
-  huge_pages.reexec_with_huge_pages()
-
 from absl import app, flags
 
 from latent_diffusion_jax import sampling

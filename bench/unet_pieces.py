@@ -13,7 +13,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from latent_diffusion_jax.cli import huge_pages  # noqa: E402
 
-if __name__ == "__main__":  # as train.py and sample.py run: see cli/huge_pages.py
+if __name__ == "__main__":  # as train.py runs: see cli/huge_pages.py
   huge_pages.reexec_with_huge_pages()
 
 import argparse

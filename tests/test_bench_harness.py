@@ -122,3 +122,14 @@ def test_group_norm_times_every_implementation():
   for r in rows:
     times = [float(t) for cell in r[1:] for t in cell.split("/")]
     assert len(times) == 6 and all(t > 0 for t in times), proc.stdout
+
+
+def test_sample_pieces_times_each_piece_on_both_sides(tmp_path):
+  stdout, r = _run("bench/sample_pieces.py",
+                   ["--config", "tiny", "--batches", "1", "--repeats", "1"], tmp_path)
+  assert "| images | piece | ours ms | diffusers eager ms | ours speed-up |" in stdout
+  row = r["batches"]["1"]
+  assert set(row) == {"text_encoder", "unet", "vae_decode"}
+  for piece, v in row.items():
+    assert v["ours_ms"] > 0 and v["torch_eager_ms"] > 0 and v["ours_over_torch_eager"] > 0, piece
+    assert f"| 1 | {piece} |" in stdout
