@@ -255,3 +255,26 @@ def test_classifier_free_guidance_single_batched_call():
   # Scale 1 is the plain conditional model.
   np.testing.assert_allclose(samplers.classifier_free_guidance(model_fn, cond, uncond, 1.0)(x, t),
                              out_cond, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("batch,separate", [(1, None), (3, None), (4, None), (6, None),
+                                            (6, False), (1, True)])
+def test_classifier_free_guidance_passes(batch, separate):
+  """Two calls on the batch or one on the doubled batch: the same guided output. On CPU (the
+  test platform) None splits from SEPARATE_PASSES_MIN_BATCH images."""
+  calls = []
+
+  def model_fn(x, t, context):
+    calls.append(x.shape[0])
+    return jnp.tanh(x * context[:, None, None, None]) + t[:, None, None, None] * 0.01
+
+  rng = np.random.default_rng(batch)
+  cond, uncond = (jnp.asarray(rng.uniform(0.5, 2.0, batch), jnp.float32) for _ in range(2))
+  x = jnp.asarray(rng.standard_normal((batch, 4, 4, 2)), jnp.float32)
+  t = jnp.arange(batch, dtype=jnp.int32) * 7
+  out = samplers.classifier_free_guidance(model_fn, cond, uncond, 5.0, separate)(x, t)
+  assert jax.default_backend() == "cpu"
+  split = separate if separate is not None else batch >= samplers.SEPARATE_PASSES_MIN_BATCH
+  assert calls == ([batch, batch] if split else [2 * batch])
+  want_c, want_u = model_fn(x, t, cond), model_fn(x, t, uncond)
+  np.testing.assert_allclose(out, want_u + 5.0 * (want_c - want_u), rtol=1e-5, atol=1e-5)

@@ -48,6 +48,9 @@ DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
 _DEFAULT_SPACING = {"ddpm": "leading", "ddim": "leading", "dpmpp_2m": "linspace"}
+# Images per guidance pass from which CPU runs the two passes as separate calls
+# (classifier_free_guidance).
+SEPARATE_PASSES_MIN_BATCH = 4
 
 
 def _alphas_cumprod_at(schedule: schedules.NoiseSchedule, t: jnp.ndarray,
@@ -472,11 +475,16 @@ def sample(denoise_fn: DenoiseFn, schedule: schedules.NoiseSchedule,
 
 
 def classifier_free_guidance(model_fn: Callable[[jnp.ndarray, jnp.ndarray, Any], jnp.ndarray],
-                             cond: Any, uncond: Any, scale: float | jnp.ndarray) -> DenoiseFn:
+                             cond: Any, uncond: Any, scale: float | jnp.ndarray,
+                             separate_passes: Optional[bool] = None) -> DenoiseFn:
   """Wraps a conditional model into a guided denoise_fn (Ho & Salimans 2022).
 
-  The conditional and unconditional passes run as one call on a doubled
-  batch, which is what keeps the accelerator busy at small batch sizes.
+  The conditional and unconditional passes run as one call on a doubled batch, which keeps an
+  accelerator busy at small batch sizes; or as two calls on the batch (`separate_passes`), which
+  XLA:CPU runs side by side on its cores. None chooses two calls on CPU from
+  SEPARATE_PASSES_MIN_BATCH images per pass, one doubled call otherwise: on a 2-core Xeon
+  (cpu_small, 10 guided DDIM steps) two calls took 1.51 against 1.65 s per image at batch 8 and
+  1.78 against 1.72 s at batch 1. Both give the same images up to float rounding.
 
   Args:
     model_fn: (x [B, ...], t [B], context) -> output [B, ...].
@@ -484,6 +492,9 @@ def classifier_free_guidance(model_fn: Callable[[jnp.ndarray, jnp.ndarray, Any],
       leading batch axis B), e.g. text embeddings.
     uncond: the "empty prompt" context, same structure and shapes as cond.
     scale: guidance scale w; 1 reproduces the conditional model.
+    separate_passes: two model calls per step instead of one on a doubled batch; None decides
+      by platform and batch size (above). A model_fn that needs both halves in one call
+      (ControlNet residuals) passes False.
 
   Returns:
     denoise_fn(x_t, t) = uncond_out + scale * (cond_out - uncond_out).
@@ -491,8 +502,15 @@ def classifier_free_guidance(model_fn: Callable[[jnp.ndarray, jnp.ndarray, Any],
   context = jax.tree_util.tree_map(lambda u, c: jnp.concatenate([u, c], axis=0), uncond, cond)
 
   def denoise_fn(x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
-    out = model_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0), context)
-    out_uncond, out_cond = jnp.split(out, 2, axis=0)
+    separate = separate_passes
+    if separate is None:
+      separate = jax.default_backend() == "cpu" and x_t.shape[0] >= SEPARATE_PASSES_MIN_BATCH
+    if separate:
+      out_uncond, out_cond = model_fn(x_t, t, uncond), model_fn(x_t, t, cond)
+    else:
+      out = model_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0),
+                     context)
+      out_uncond, out_cond = jnp.split(out, 2, axis=0)
     return out_uncond + scale * (out_cond - out_uncond)
 
   return denoise_fn

@@ -236,7 +236,10 @@ def _cached_sample_fn(model: _Model, s: _Settings) -> SampleFn:
       return unet.apply({"params": params.unet}, x, t, ctx[0], ctx[1], *extra)
 
     if guided:
-      denoise_fn = samplers.classifier_free_guidance(model_fn, c, uc, s.guidance_scale)
+      # ControlNet residuals are computed for both halves in one call (sampling/controlnet.py).
+      denoise_fn = samplers.classifier_free_guidance(
+          model_fn, c, uc, s.guidance_scale,
+          separate_passes=False if model.controlnets else None)
     else:
       denoise_fn = lambda x, t: model_fn(x, t, c)  # noqa: E731
     return samplers.sample(denoise_fn, schedule, x_T, rng, sampler=s.sampler,
