@@ -22,6 +22,11 @@ from latent_diffusion_jax.models.group_norm import GroupNorm
 
 Dtype = Any
 
+# A convolution's initializers with their logical axes (kernel HWIO, bias per output channel).
+CONV_KERNEL_INIT = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                                (None, None, "conv_in", "conv_out"))
+CONV_BIAS_INIT = nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",))
+
 
 def dense(features: int, axes: Tuple[str, str], *, dtype: Dtype, param_dtype: Dtype,
           use_bias: bool = True, name: str | None = None) -> nn.Dense:
@@ -40,11 +45,8 @@ def conv(features: int, kernel_size: Sequence[int] = (3, 3), *, strides: Sequenc
   a matmul over the channels (`conv_general_dilated`)."""
   return nn.Conv(
       features, tuple(kernel_size), strides=tuple(strides), padding=padding, dtype=dtype,
-      param_dtype=param_dtype, use_bias=use_bias,
-      kernel_init=nn.with_logical_partitioning(
-          nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-      bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
-      conv_general_dilated=conv_general_dilated, name=name)
+      param_dtype=param_dtype, use_bias=use_bias, kernel_init=CONV_KERNEL_INIT,
+      bias_init=CONV_BIAS_INIT, conv_general_dilated=conv_general_dilated, name=name)
 
 
 def _is_pointwise(rhs_shape, window_strides, padding, lhs_dilation, rhs_dilation,

@@ -17,6 +17,8 @@ import flax.linen as nn
 from jax import lax
 import jax.numpy as jnp
 
+from latent_diffusion_jax.models import layers
+
 Dtype = Any
 
 
@@ -36,11 +38,9 @@ class NearestUpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    kernel = self.param("kernel", nn.with_logical_partitioning(
-        nn.initializers.lecun_normal(), (None, None, "conv_in", "conv_out")),
-        (3, 3, c, self.features), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(
-        nn.initializers.zeros_init(), ("conv_out",)), (self.features,), self.param_dtype)
+    kernel = self.param("kernel", layers.CONV_KERNEL_INIT, (3, 3, c, self.features),
+                        self.param_dtype)
+    bias = self.param("bias", layers.CONV_BIAS_INIT, (self.features,), self.param_dtype)
     x = x.astype(self.dtype)
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     rows = []
