@@ -1,21 +1,20 @@
-"""Start training (train.py and the training benchmarks) with huge pages for malloc.
+"""Opt-in: start training (train.py and the training benchmarks) with huge pages for malloc.
 
 XLA:CPU allocates each call's temporary buffer afresh (785 MB for the cpu_small UNet's train step
-at batch 4), and glibc serves an allocation that large with a new mapping: every call faulted in
-~190,000 4-KiB pages, 0.28 s of system time per step on a 2-core Xeon. With glibc's
-`glibc.malloc.hugetlb=1` tunable malloc asks for transparent huge pages and the faults drop to
-~800 per step: the step ran 3-6% faster (bench/train_throughput.py; PyTorch's step did not
-change). The tunable is read when a process starts, so an entry point re-executes itself once
-with it set, before anything else runs.
+at batch 4), and glibc serves an allocation that large with a new mapping: every call faults in
+~190,000 4-KiB pages, 0.28-0.35 s of system time per step on a 2-core Xeon. With glibc's
+`glibc.malloc.hugetlb=1` tunable malloc asks for transparent huge pages and those faults drop to
+~600 per step: the cpu_small step at batch 4 ran 3-6% faster (bench/train_throughput.py).
 
-Sampling (sample.py, bench/sample_latency.py, bench/sample_pieces.py) starts without it: there the
-huge pages stalled calls instead (transparent huge pages "madvise" with defrag "madvise", i.e.
-compaction on fault). The cpu_small VAE decoder's median over 10 calls went from 149 to 250 ms,
-single calls to 300-500 ms, and 10-step guided sampling at batch 8 from 1.57 to 1.80 s per image
-(diffusers' pipeline in the same process from 1.48 to 2.06 s).
+It is off unless `LATENT_DIFFUSION_HUGE_PAGES=1` is in the environment, because on other work it
+costs far more than it saves: the embedded demo's stage 2 (configs/shapes_ldm.py, batch 64) ran
+at 0.9 steps/s with it and 1.6 without, 158 against 45 s of system time over 200 steps (same
+machine, minutes apart); sampling stalled likewise (the cpu_small VAE decoder's median 149 ->
+250 ms with transparent huge pages "madvise" and defrag "madvise").
 
-Skipped where it cannot help: not Linux/glibc 2.35+, transparent huge pages set to "never",
-the tunable already in GLIBC_TUNABLES, or LATENT_DIFFUSION_HUGE_PAGES=0 in the environment.
+The tunable is read when a process starts, so an entry point re-executes itself once with it set,
+before anything else runs. Skipped where it cannot help: not Linux/glibc 2.35+, transparent huge
+pages set to "never", or the tunable already in GLIBC_TUNABLES.
 """
 
 import os
@@ -24,7 +23,7 @@ import sys
 from typing import Dict, Optional
 
 TUNABLE = "glibc.malloc.hugetlb=1"
-OPT_OUT = "LATENT_DIFFUSION_HUGE_PAGES"
+OPT_IN = "LATENT_DIFFUSION_HUGE_PAGES"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -48,8 +47,8 @@ def _transparent_huge_pages_possible() -> bool:
 
 
 def environment_with_huge_pages(env: Dict[str, str]) -> Optional[Dict[str, str]]:
-  """`env` with the tunable added, or None where it is there already, opted out of, or useless."""
-  if env.get(OPT_OUT, "1") == "0" or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
+  """`env` with the tunable added, or None where it is not opted into, there already, or useless."""
+  if env.get(OPT_IN, "0") != "1" or "glibc.malloc.hugetlb" in env.get("GLIBC_TUNABLES", ""):
     return None
   if sys.platform != "linux" or not _glibc_at_least(2, 35) or not _transparent_huge_pages_possible():
     return None
@@ -63,8 +62,8 @@ def enabled() -> bool:
 
 
 def reexec_with_huge_pages() -> None:
-  """Re-executes this process with the tunable where it applies; returns where it does not (or the
-  re-execution fails). Call first thing in an entry point's `__main__` block."""
+  """Re-executes this process with the tunable where it is opted into and applies; returns where
+  it does not (or the re-execution fails). Call first thing in an entry point's `__main__` block."""
   env = environment_with_huge_pages(dict(os.environ))
   if env is None:
     return
