@@ -1,5 +1,6 @@
-"""Convolutions computed in other forms: 1x1 as matmuls (layers.conv_general_dilated) and the
-nearest-upsample conv at the input's size (models/upsample.py), against XLA's plain forms."""
+"""Products computed in other forms, against XLA's plain ones: Dense layers and 1x1 convolutions
+as matmuls over rows (layers.matmul_last_axis, layers.conv_general_dilated) and the
+nearest-upsample conv at the input's size (models/upsample.py)."""
 
 import flax.linen as nn
 import jax
@@ -111,3 +112,43 @@ def test_nearest_upsample_conv_bfloat16():
   np.testing.assert_allclose(y.astype(jnp.float32),
                              _resize_then_conv(x, params["kernel"], params["bias"]),
                              rtol=5e-2, atol=5e-2)
+
+
+def _kernel_grad_contractions(f, x, w):
+  """The number of contracted axes of each dot_general in the jaxpr of f's gradient."""
+  jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1)))(x, w)
+  return [len(e.params["dimension_numbers"][0][0]) for e in jaxpr.jaxpr.eqns
+          if e.primitive.name == "dot_general"]
+
+
+@pytest.mark.parametrize("shape", [(7, 8), (2, 5, 8), (2, 3, 4, 8), (8,)])
+def test_matmul_last_axis_matches_dot_and_contracts_one_axis(shape):
+  x, w = _normal(0, shape), _normal(1, (8, 6))
+  ref = lambda x, w: lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
+  ours = lambda x, w: layers.matmul_last_axis(x, w)
+  assert ours(x, w).shape == shape[:-1] + (6,)
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  loss = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))
+  for a, b in zip(loss(ours)(x, w), loss(ref)(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  # Every product of the gradient contracts one axis; the plain form's kernel gradient contracts
+  # all leading axes of x (what made XLA:CPU transpose the output gradient).
+  assert set(_kernel_grad_contractions(ours, x, w)) == {1}
+  if len(shape) > 2:
+    assert len(shape) - 1 in _kernel_grad_contractions(ref, x, w)
+
+
+def test_dense_layers_use_it_and_keep_flax_params():
+  x = _normal(0, (2, 5, 8))
+  ours = layers.dense(6, ("embed", "mlp"), dtype=jnp.float32, param_dtype=jnp.float32)
+  plain = nn.Dense(6)
+  variables = nn.meta.unbox(ours.init(jax.random.key(0), x))
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, plain.init(jax.random.key(0), x))
+  np.testing.assert_allclose(ours.apply(variables, x), plain.apply(variables, x), rtol=1e-5, atol=1e-5)
+  f = lambda x, k: ours.apply({"params": {"kernel": k, "bias": variables["params"]["bias"]}}, x)
+  assert set(_kernel_grad_contractions(f, x, variables["params"]["kernel"])) == {1}
+  # Other contractions pass through to lax.dot_general unchanged.
+  a, b = _normal(2, (3, 4, 5)), _normal(3, (3, 5, 2))
+  dims = (((2,), (1,)), ((0,), (0,)))
+  np.testing.assert_allclose(layers.dense_dot_general(a, b, dims), lax.dot_general(a, b, dims),
+                             rtol=1e-6)
