@@ -31,7 +31,7 @@ venv: $(VENV)/.installed
 # Layer and no-tensorflow contracts (setup.cfg [importlinter]) first: they take a second.
 test: venv
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # The embedded default end to end: stage 1 (autoencoder), stage 2 (text-to-image LDM), a sample
 # grid, and the caption-fidelity score on held-out captions (fails below 80% of images with color,

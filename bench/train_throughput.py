@@ -70,7 +70,9 @@ def host_batch(config, batch: int):
 
 def build_ours(config, unet, params, host):
   """Our compiled train step on `host`'s batch: a dict with `one_step` (runs a step, returns the
-  loss), `sync`, the XLA `executable`, the `mesh` and the analytic FLOPs per step."""
+  loss), `sync`, the XLA `executable`, the `mesh`, the analytic FLOPs per step, and the pieces
+  behind them (the uncompiled `step`, the `holder` of the live state, the placed `batch` and the
+  `extra` arguments)."""
   mesh = parallel.create_mesh(config.mesh.shape)
   rules = config.mesh.logical_axis_rules
   o = config.optimizer
@@ -108,7 +110,8 @@ def build_ours(config, unet, params, host):
     return metrics["loss"]
 
   return {"one_step": one_step, "sync": lambda loss: float(jax.device_get(loss)),
-          "executable": executable, "mesh": mesh, "analytic": analytic}
+          "executable": executable, "mesh": mesh, "analytic": analytic,
+          "step": step, "holder": holder, "batch": batch, "extra": extra}
 
 
 def run_ours(config, unet, params, host, steps: int):

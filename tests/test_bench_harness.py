@@ -133,3 +133,38 @@ def test_sample_pieces_times_each_piece_on_both_sides(tmp_path):
   for piece, v in row.items():
     assert v["ours_ms"] > 0 and v["torch_eager_ms"] > 0 and v["ours_over_torch_eager"] > 0, piece
     assert f"| 1 | {piece} |" in stdout
+
+
+def _plain_run(args):
+  proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout
+
+
+def test_dot_forms_times_three_products_per_shape():
+  stdout = _plain_run(["bench/dot_forms.py", "--shapes", "8x4x3,5x6x7", "--repeats", "1"])
+  rows = _table_rows(stdout)
+  assert [r[0].strip() for r in rows] == ["8x4x3", "5x6x7"], stdout
+  for r in rows:
+    assert len(r) == 4, stdout  # shape, forward, input gradient, kernel gradient
+    for cell in r[1:]:
+      times, ratio = cell.split("(")[0], float(cell.rsplit(",", 1)[1])
+      assert all(float(t) > 0 for t in times.split("/")) and ratio > 0, stdout
+
+
+def test_dot_forms_rejects_a_malformed_shape():
+  proc = subprocess.run([sys.executable, "bench/dot_forms.py", "--shapes", "8x4"], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert proc.returncode != 0 and "ROWSxINxOUT" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_steps_per_call_times_both_forms():
+  stdout = _plain_run(["bench/steps_per_call.py", "--config", "tiny", "--batch", "1", "--k", "2",
+                       "--calls", "1"])
+  rows = _table_rows(stdout)
+  assert [r[0].strip() for r in rows] == ["one step per call (the trainer's)",
+                                          "2 steps unrolled in one call"], stdout
+  assert all(float(r[1]) > 0 and float(r[2]) >= 0 and float(r[3]) >= 0 for r in rows), stdout
+  assert "one per call / unrolled:" in stdout, stdout
