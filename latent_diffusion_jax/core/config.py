@@ -449,8 +449,9 @@ def first_stage_smoke_run(c: mc.ConfigDict) -> None:
 
 
 def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:
-  """Shrinks all three networks of `c` in place to a few hundred thousand params, same structure,
-  and makes training a 2-step smoke run on the embedded dataset."""
+  """Shrinks all three networks of `c` in place (the UNet, the autoencoder and the text encoder,
+  CLIP or the LDM transformer) to a few hundred thousand params, same structure, and makes training
+  a 2-step smoke run on the embedded dataset."""
   c.model.image_size = 32
   u = c.model.unet
   u.block_out_channels = tuple(unet_channels)
@@ -463,6 +464,8 @@ def tiny_models(c: mc.ConfigDict, unet_channels=(32, 64)) -> mc.ConfigDict:
   clip = c.model.text_encoder.clip
   clip.vocab_size, clip.hidden_size, clip.intermediate_size = 1000, 32, 64
   clip.num_hidden_layers, clip.num_attention_heads = 2, 4
+  ldm = c.model.text_encoder.ldm  # the LDM paper's transformer, when text_encoder.kind selects it
+  ldm.vocab_size, ldm.width, ldm.depth, ldm.heads, ldm.head_dim = 1000, clip.hidden_size, 2, 4, 8
   u.cross_attention_dim = clip.hidden_size
   # A 2-step smoke run on 64 images of the embedded dataset (its word tokenizer fits CLIP's layout).
   c.training.batch_size = 8
