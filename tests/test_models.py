@@ -87,12 +87,12 @@ def test_unet_shapes_dtypes_and_finiteness(in_channels, remat, class_embeds):
                     transformer_depth=2)
   x, t, ctx = _unet_inputs(in_channels)
   labels = (jnp.array([0, 2]),) if class_embeds else ()
-  params = unet.init(jax.random.key(0), x, t, ctx, *labels)
+  params = jax.jit(unet.init)(jax.random.key(0), x, t, ctx, *labels)
   out = jax.jit(unet.apply)(params, x, t, ctx, *labels)
   assert out.shape == (2, 8, 8, 4) and out.dtype == jnp.float32
   assert np.isfinite(np.asarray(out)).all()
   # Gradients flow through the rematerialized blocks too.
-  g = jax.grad(lambda p: jnp.mean(unet.apply(p, x, t, ctx, *labels) ** 2))(params)
+  g = jax.jit(jax.grad(lambda p: jnp.mean(unet.apply(p, x, t, ctx, *labels) ** 2)))(params)
   assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree.leaves(g))
 
 
@@ -136,20 +136,20 @@ def test_bf16_forward_close_to_fp32():
   x, t, ctx = _unet_inputs()
   ctx = jax.random.normal(jax.random.key(5), (2, 5, cfg.model.unet.cross_attention_dim))
   unet32 = build_unet(cfg.model)
-  params = unet32.init(jax.random.key(0), x, t, ctx)
+  params = jax.jit(unet32.init)(jax.random.key(0), x, t, ctx)
   cfg.model.dtype = "bfloat16"
   unet16 = build_unet(cfg.model)
-  out32 = unet32.apply(params, x, t, ctx)
-  out16 = unet16.apply(params, x, t, ctx)
+  out32 = jax.jit(unet32.apply)(params, x, t, ctx)
+  out16 = jax.jit(unet16.apply)(params, x, t, ctx)
   assert out16.dtype == jnp.bfloat16
   rel = float(jnp.max(jnp.abs(out16.astype(jnp.float32) - out32)) / jnp.max(jnp.abs(out32)))
   assert rel < 0.05, rel
 
   vae32 = build_vae(load_config_file("configs/sd15.py:tiny").model)
   img = jax.random.uniform(jax.random.key(1), (1, 16, 16, 3), minval=-1, maxval=1)
-  vparams = vae32.init(jax.random.key(0), img)
+  vparams = jax.jit(vae32.init)(jax.random.key(0), img)
   vae16 = build_vae(cfg.model)
-  rec32, _ = vae32.apply(vparams, img)
-  rec16, _ = vae16.apply(vparams, img)
+  rec32, _ = jax.jit(vae32.apply)(vparams, img)
+  rec16, _ = jax.jit(vae16.apply)(vparams, img)
   rel = float(jnp.max(jnp.abs(rec16.astype(jnp.float32) - rec32)) / jnp.max(jnp.abs(rec32)))
   assert rel < 0.05, rel
