@@ -30,10 +30,6 @@ import train_throughput as tt  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from latent_diffusion_jax.interop.convert import torch_to_flax  # noqa: E402
-from latent_diffusion_jax.interop.diffusers import abstract_unet_params  # noqa: E402
-from latent_diffusion_jax.models import build  # noqa: E402
-
 
 def _per_step(run, steps):
   """Wall seconds, system seconds and minor page faults per step of `run()` (which runs `steps`)."""
@@ -55,10 +51,7 @@ def main(argv=None):
     raise SystemExit("--k must be at least 2 and --calls at least 1")
   config = sbs.configure(args)
   config.training.batch_size = args.batch
-  unet, model = tt.torch_unet(config)
-  weights = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  params = torch_to_flax(weights, abstract_unet_params(unet, build.latent_size(config.model)),
-                         what="u")
+  unet, _, params = tt.unet_pair(config)
   built = tt.build_ours(config, unet, params, tt.host_batch(config, args.batch))
   one_step, sync, step = built["one_step"], built["sync"], built["step"]
   steps = args.k * args.calls

@@ -58,6 +58,15 @@ def torch_unet(config):
   return unet, UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if k[0] != "_"})
 
 
+def unet_pair(config):
+  """(our UNet module, the diffusers UNet, its weights as our params): both sides' same model."""
+  unet, model = torch_unet(config)
+  state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+  params = torch_to_flax(state_dict, abstract_unet_params(unet, build.latent_size(config.model)),
+                         what="the diffusers UNet")
+  return unet, model, params
+
+
 def host_batch(config, batch: int):
   """VAE moments (mean, log-variance) and a text context, the same arrays for both sides."""
   rng = np.random.default_rng(0)
@@ -193,10 +202,7 @@ def main(argv=None):
   args = p.parse_args(argv)
   config = sbs.configure(args)
   config.training.batch_size = args.batch
-  unet, model = torch_unet(config)
-  state_dict = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-  params = torch_to_flax(state_dict, abstract_unet_params(unet, build.latent_size(config.model)),
-                         what="the diffusers UNet")
+  unet, model, params = unet_pair(config)
   host = host_batch(config, args.batch)
   env = sbs.environment()
   results = {"benchmark": "train_throughput", "config": args.config, "dtype": args.dtype,

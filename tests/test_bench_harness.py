@@ -78,50 +78,53 @@ def test_step_profile_classes_both_steps(tmp_path):
 
 
 def test_attention_blocks_names_its_tiles_and_times_every_row():
-  proc = subprocess.run(
-      [sys.executable, "bench/attention_blocks.py", "--batch", "2", "--length", "64", "--heads", "2",
-       "--head_dim", "4", "--blocks_kib", "4,16,64", "--repeats", "1"],
-      cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ")]
-  names = [r[0].strip() for r in rows[1:]]
+  stdout = _plain_run(["bench/attention_blocks.py", "--batch", "2", "--length", "64", "--heads",
+                       "2", "--head_dim", "4", "--blocks_kib", "4,16,64", "--repeats", "1"])
+  rows = _table_rows(stdout)
+  names = [r[0].strip() for r in rows]
   # 2 images x 64 x 64 float32 logits per head (32 KiB): below that, tiles of one (image, head)
   # row and half the budget (2 KiB: 8 queries; 8 KiB: 32); 64 KiB holds both heads, every image.
   assert names == ["xla", "chunked 4 KiB: 1 (image, head) row(s) x 8 queries",
                    "chunked 16 KiB: 1 (image, head) row(s) x 32 queries",
                    "chunked 64 KiB: 2 head(s) x 2 images x 64 queries", "torch sdpa"], names
-  assert all(float(x) > 0 for r in rows[1:] for x in r[1:]), proc.stdout
+  assert all(float(x) > 0 for r in rows for x in r[1:]), stdout
 
 
 def _table_rows(stdout):
   return [line.split("|")[1:-1] for line in stdout.splitlines() if line.startswith("| ")][1:]
 
 
-def test_optimizer_update_times_ours_and_torch():
-  proc = subprocess.run(
-      [sys.executable, "bench/optimizer_update.py", "--config", "tiny", "--repeats", "1",
-       "--updates_norm"], cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+def _bench(args):
+  """Runs a bench script on one CPU device; returns the finished process."""
+  return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=600, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+
+
+def _plain_run(args):
+  """Runs a bench script that must succeed; returns its stdout."""
+  proc = _bench(args)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = _table_rows(proc.stdout)
+  return proc.stdout
+
+
+def test_optimizer_update_times_ours_and_torch():
+  stdout = _plain_run(["bench/optimizer_update.py", "--config", "tiny", "--repeats", "1",
+                       "--updates_norm"])
+  rows = _table_rows(stdout)
   assert [r[0].strip() for r in rows] == [
       "ours (apply_update)", "ours, norm of optax's updates (before 2026-12-06)",
-      "torch clip + AdamW (foreach) + EMA"], proc.stdout
-  assert all(float(r[1]) > 0 for r in rows), proc.stdout
+      "torch clip + AdamW (foreach) + EMA"], stdout
+  assert all(float(r[1]) > 0 for r in rows), stdout
 
 
 def test_group_norm_times_every_implementation():
-  proc = subprocess.run(
-      [sys.executable, "bench/group_norm.py", "--shapes", "2x4x4x32,1x3x5x64", "--groups", "8",
-       "--repeats", "1"], cwd=REPO, capture_output=True, text=True, timeout=600,
-      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  rows = _table_rows(proc.stdout)
-  assert [r[0].strip() for r in rows] == ["2x4x4x32", "1x3x5x64"], proc.stdout
+  stdout = _plain_run(["bench/group_norm.py", "--shapes", "2x4x4x32,1x3x5x64", "--groups", "8",
+                       "--repeats", "1"])
+  rows = _table_rows(stdout)
+  assert [r[0].strip() for r in rows] == ["2x4x4x32", "1x3x5x64"], stdout
   for r in rows:
     times = [float(t) for cell in r[1:] for t in cell.split("/")]
-    assert len(times) == 6 and all(t > 0 for t in times), proc.stdout
+    assert len(times) == 6 and all(t > 0 for t in times), stdout
 
 
 def test_sample_pieces_times_each_piece_on_both_sides(tmp_path):
@@ -133,13 +136,6 @@ def test_sample_pieces_times_each_piece_on_both_sides(tmp_path):
   for piece, v in row.items():
     assert v["ours_ms"] > 0 and v["torch_eager_ms"] > 0 and v["ours_over_torch_eager"] > 0, piece
     assert f"| 1 | {piece} |" in stdout
-
-
-def _plain_run(args):
-  proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc.stdout
 
 
 def test_dot_forms_times_three_products_per_shape():
@@ -154,9 +150,7 @@ def test_dot_forms_times_three_products_per_shape():
 
 
 def test_dot_forms_rejects_a_malformed_shape():
-  proc = subprocess.run([sys.executable, "bench/dot_forms.py", "--shapes", "8x4"], cwd=REPO,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  proc = _bench(["bench/dot_forms.py", "--shapes", "8x4"])
   assert proc.returncode != 0 and "ROWSxINxOUT" in proc.stderr, proc.stderr[-2000:]
 
 
